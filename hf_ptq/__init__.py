@@ -1,0 +1,19 @@
+"""hf_ptq: post-training quantization for Hugging Face transformers vision models.
+
+``import hf_ptq`` registers ``quant_method="hf_ptq"`` with transformers, so that
+``from_pretrained(..., quantization_config=PTQConfig(...))`` quantizes a float checkpoint and a
+plain ``from_pretrained`` reloads a checkpoint saved by hf_ptq.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .config import CalibrationConfig, PTQConfig
+from .quantizer import PTQHfQuantizer
+from .quantize import quantize_model
+
+try:
+    __version__ = version("hf-ptq")
+except PackageNotFoundError:  # source tree without install
+    __version__ = "0.0.0"
+
+__all__ = ["PTQConfig", "CalibrationConfig", "PTQHfQuantizer", "quantize_model", "__version__"]

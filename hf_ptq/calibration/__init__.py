@@ -1,0 +1,1 @@
+"""Calibration engine: data → block maps → sequential block-by-block runner (with offload)."""

@@ -1,0 +1,150 @@
+"""The contract between the calibration engine and a quantization algorithm.
+
+A method sees tensors and modules, never transformers classes: the engine hands it one
+*unit* (a block such as a ``ViTLayer``, or a single layer), the unit's quantizable layers with
+their number formats, and, when the method asks for them, cached inputs and float targets.
+It returns integer codes and grids (:class:`~hf_ptq.quant.scheme.QuantizedWeight`) per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from ..quant.scheme import LayerScheme, QuantizedWeight
+
+if TYPE_CHECKING:
+    from ..config import PTQConfig
+
+__all__ = ["PTQMethod", "UnitWork", "UnitResult", "register_method", "get_method", "available_methods"]
+
+InputMode = Literal["none", "fp", "quantized", "mixed"]
+
+
+class NoKwargs(BaseModel):
+    """Kwargs schema of a method without options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class UnitWork:
+    """Everything a method may use to quantize one unit.
+
+    Attributes:
+        name: qualified module name of the unit (e.g. ``vit.layers.3``).
+        module: the unit, on the compute device, with float layers still in place.
+        layers: qualified name → float ``nn.Linear``/``nn.Conv2d`` inside ``module`` to quantize.
+        schemes: qualified name → number format of that layer.
+        inputs: cached unit inputs as ``(args, kwargs)`` per calibration batch (CPU), or None.
+        fp_inputs: inputs the float model gives the unit (QDrop mixes both), or None.
+        targets: float-model outputs of the unit per batch (CPU), or None.
+        device: compute device.
+    """
+
+    name: str
+    module: nn.Module
+    layers: dict[str, nn.Module]
+    schemes: dict[str, LayerScheme]
+    inputs: list[tuple[tuple, dict]] | None = None
+    fp_inputs: list[tuple[tuple, dict]] | None = None
+    targets: list[Any] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass
+class UnitResult:
+    """What a method returns for a unit: codes per layer, optional input quantizer params, stats."""
+
+    weights: dict[str, QuantizedWeight]
+    input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class PTQMethod:
+    """Base class of an algorithm. Subclasses set the class attributes and ``quantize_unit``."""
+
+    name: ClassVar[str]
+    #: pydantic model of ``PTQConfig.method_kwargs`` for this method (``extra="forbid"``).
+    Kwargs: ClassVar[type[BaseModel]] = NoKwargs
+    #: observer that sets the initial grid when ``PTQConfig.weight_observer`` is None.
+    default_weight_observer: ClassVar[str] = "minmax"
+    #: where unit inputs come from: none (data-free), the float model, the quantized model, or both.
+    input_mode: ClassVar[InputMode] = "none"
+    #: whether the method needs the float unit outputs as targets.
+    needs_targets: ClassVar[bool] = False
+    #: how the engine splits the model: reconstruction blocks, or one unit per layer.
+    unit_granularity: ClassVar[Literal["block", "layer"]] = "layer"
+
+    def __init__(self, config: "PTQConfig") -> None:
+        self.config = config
+        self.kwargs = self.Kwargs(**config.method_kwargs)
+
+    # -- validation ------------------------------------------------------------------------------
+    @classmethod
+    def validate_config(cls, config: "PTQConfig") -> dict[str, Any]:
+        """Validate ``method_kwargs`` and cross-field rules; returns the kwargs with defaults filled."""
+        from ..config import format_validation_error
+
+        try:
+            kwargs = cls.Kwargs(**config.method_kwargs)
+        except ValidationError as err:
+            raise ValueError(format_validation_error(f"PTQConfig.method_kwargs (method={cls.name!r})", err)) from None
+        if cls.requires_calibration(config) and config.calibration is None and not config.is_prequantized:
+            why = "static activation quantization (act_bits)" if config.act_bits else f"method {cls.name!r}"
+            raise ValueError(
+                f"PTQConfig: `calibration` is required by {why} but is None. Pass calibration="
+                "{'dataset': <Hub id, folder, datasets.Dataset or iterable>, 'num_samples': 1024}."
+            )
+        return kwargs.model_dump()
+
+    @classmethod
+    def requires_calibration(cls, config: "PTQConfig") -> bool:
+        """Whether quantizing with ``config`` needs calibration data."""
+        return cls.input_mode != "none" or config.act_bits is not None
+
+    # -- work ------------------------------------------------------------------------------------
+    @property
+    def weight_observer(self) -> str:
+        return self.config.weight_observer or self.default_weight_observer
+
+    def layer_schemes(self, layers: dict[str, nn.Module]) -> dict[str, LayerScheme]:
+        """Number format per layer; methods override to keep e.g. the first/last layer at 8 bits."""
+        from ..quant.replace import scheme_from_config
+
+        return {name: scheme_from_config(self.config) for name in layers}
+
+    def quantize_unit(self, work: UnitWork) -> UnitResult:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[PTQMethod]] = {}
+
+
+def register_method(name: str):
+    """Class decorator adding a method under ``name`` (re-registering the same class is a no-op)."""
+
+    def deco(cls: type[PTQMethod]) -> type[PTQMethod]:
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"method {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type[PTQMethod]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; allowed values: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)

@@ -10,10 +10,11 @@ from importlib.metadata import PackageNotFoundError, version
 from .config import CalibrationConfig, PTQConfig
 from .quantizer import PTQHfQuantizer
 from .quantize import quantize_model
+from .evaluation import evaluate_model
 
 try:
     __version__ = version("hf-ptq")
 except PackageNotFoundError:  # source tree without install
     __version__ = "0.0.0"
 
-__all__ = ["PTQConfig", "CalibrationConfig", "PTQHfQuantizer", "quantize_model", "__version__"]
+__all__ = ["PTQConfig", "CalibrationConfig", "PTQHfQuantizer", "quantize_model", "evaluate_model", "__version__"]

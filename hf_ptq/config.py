@@ -57,6 +57,8 @@ class CalibrationConfig(BaseModel):
     seed: StrictInt = 0
     augment: StrictBool = False
     cache_dtype: Literal["float32", "float16"] = "float32"
+    #: runtime only (not written to config.json): the processor to use instead of the checkpoint's.
+    image_processor: Any = Field(default=None, exclude=True)
 
     @field_validator("dataset")
     @classmethod
@@ -72,7 +74,7 @@ class CalibrationConfig(BaseModel):
 
     def to_json_dict(self) -> dict[str, Any]:
         """JSON-safe description; in-memory datasets are recorded by type and size, not by content."""
-        data = self.model_dump()
+        data = self.model_dump()  # image_processor is excluded
         if not isinstance(self.dataset, str):
             desc = f"<in-memory {type(self.dataset).__module__}.{type(self.dataset).__name__}"
             if hasattr(self.dataset, "__len__"):

@@ -54,6 +54,10 @@ class UnitWork:
     fp_inputs: list[tuple[tuple, dict]] | None = None
     targets: list[Any] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: what ``PTQMethod.prepare`` computed for this unit (e.g. BRECQ's Fisher weights), by key.
+    extras: dict[str, Any] = field(default_factory=dict)
+    #: short label for progress bars, e.g. ``"(3/12) ViTLayer"``.
+    desc: str = ""
 
 
 @dataclass
@@ -118,6 +122,13 @@ class PTQMethod:
 
         return {name: scheme_from_config(self.config) for name in layers}
 
+    def prepare(self, model: nn.Module, units: list, batches: list[torch.Tensor], device: torch.device) -> dict:
+        """Once, before the first unit, with the float model intact: per-unit extras by unit name.
+
+        Default: nothing. BRECQ's Fisher weighting uses this to take gradients of the float model.
+        """
+        return {}
+
     def quantize_unit(self, work: UnitWork) -> UnitResult:
         raise NotImplementedError
 
@@ -148,3 +159,48 @@ def get_method(name: str) -> type[PTQMethod]:
 
 def available_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def relative_name(work: UnitWork, layer_name: str) -> str:
+    """``layer_name`` relative to the unit module (for ``work.module.get_submodule``/``set_submodule``)."""
+    if layer_name == work.name:
+        return ""
+    return layer_name[len(work.name) + 1 :]
+
+
+def move_to(obj: Any, device: torch.device, dtype: torch.dtype | None = torch.float32) -> Any:
+    """Recursively move cached tensors (CPU, maybe float16) to ``device`` (float ones cast to ``dtype``)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.to(device)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(move_to(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: move_to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def iter_layer_inputs(work: UnitWork, layer_names: list[str], inputs: list | None = None):
+    """Yield ``{layer name: its input tensor}`` per cached batch by running ``work.module``.
+
+    Runs the unit as it currently is (float layers, or quantized ones a method swapped in), so a
+    method can stream statistics (e.g. COMQ's Gram matrix) without storing every layer's inputs.
+    """
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in layer_names:
+        module = work.module.get_submodule(relative_name(work, name)) if name != work.name else work.module
+
+        def hook(mod, args, name=name):
+            seen[name] = args[0].detach()
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        for args, kwargs in inputs if inputs is not None else work.inputs:
+            seen.clear()
+            work.module(*move_to(args, work.device), **move_to(kwargs, work.device))
+            yield dict(seen)
+    finally:
+        for h in handles:
+            h.remove()

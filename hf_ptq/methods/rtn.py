@@ -15,6 +15,7 @@ from .base import PTQMethod, UnitResult, UnitWork, register_method
 class RTN(PTQMethod):
     default_weight_observer = "minmax"
     input_mode = "none"
+    unit_granularity = "block"  # only matters with act_bits: activation ranges are observed per block
 
     def quantize_unit(self, work: UnitWork) -> UnitResult:
         weights = {

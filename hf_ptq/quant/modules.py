@@ -35,6 +35,8 @@ class QuantModuleMixin:
     """Buffers, packing and dequantization shared by the quantized Linear and Conv2d."""
 
     scheme: LayerScheme
+    #: False while calibration observes the float inputs of this layer (set by the runner).
+    act_quant_enabled: bool = True
     weight_packed: torch.Tensor
     weight_scale: torch.Tensor
     weight_zero_point: torch.Tensor
@@ -109,7 +111,7 @@ class QuantModuleMixin:
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Static fake-quantization of the layer input (identity when ``act_bits`` is None)."""
-        if self.scheme.act_bits is None:
+        if self.scheme.act_bits is None or not self.act_quant_enabled:
             return x
         return fake_quantize(
             x, self.input_scale, self.input_zero_point, self.scheme.act_bits, self.scheme.act_symmetric

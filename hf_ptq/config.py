@@ -99,8 +99,10 @@ class _Schema(BaseModel):
     modules_to_not_convert: list[str] | None = None
     calibration: CalibrationConfig | None = None
     method_kwargs: dict[str, Any] = Field(default_factory=dict)
+    fold_batchnorm: StrictBool | None = None
     seed: StrictInt = 0
     quantized_modules: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    folded_batchnorms: list[str] = Field(default_factory=list)
 
     @field_validator("weight_bits", "act_bits", mode="before")
     @classmethod
@@ -145,7 +147,12 @@ class PTQConfig(QuantizationConfigMixin):
             (classifier heads, ViT/DeiT patch embedding); ``[]`` quantizes everything.
         calibration: a :class:`CalibrationConfig` or a dict of its fields.
         method_kwargs: options of the chosen method, validated by that method.
+        fold_batchnorm: fold conv → BatchNorm pairs (ResNet) into the conv before quantizing;
+            ``None`` uses the method's default (BRECQ: on, others: off).
         seed: seed of every random choice hf_ptq makes.
+
+    ``quantized_modules`` and ``folded_batchnorms`` are written by hf_ptq after quantization (they
+    tell a reload which modules to rebuild); users leave them empty.
     """
 
     def __init__(
@@ -162,8 +169,10 @@ class PTQConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         calibration: CalibrationConfig | dict[str, Any] | None = None,
         method_kwargs: dict[str, Any] | None = None,
+        fold_batchnorm: bool | None = None,
         seed: int = 0,
         quantized_modules: dict[str, dict[str, Any]] | None = None,
+        folded_batchnorms: list[str] | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **unknown: Any,
@@ -193,8 +202,10 @@ class PTQConfig(QuantizationConfigMixin):
             modules_to_not_convert=modules_to_not_convert,
             calibration=calibration,
             method_kwargs=method_kwargs if method_kwargs is not None else {},
+            fold_batchnorm=fold_batchnorm,
             seed=seed,
             quantized_modules=quantized_modules if quantized_modules is not None else {},
+            folded_batchnorms=folded_batchnorms if folded_batchnorms is not None else [],
         )
         try:
             schema = _Schema(**fields)

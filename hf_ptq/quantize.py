@@ -16,6 +16,7 @@ from transformers.utils import logging
 from .config import PTQConfig
 from .methods import get_method
 from .methods.base import PTQMethod, UnitWork
+from .quant.fold import fold_batchnorm
 from .quant.replace import (
     find_quantizable_layers,
     make_quant_module,
@@ -45,6 +46,9 @@ def quantize_model(
     torch.manual_seed(config.seed)
     method = get_method(config.method)(config)
     skip = resolve_modules_to_not_convert(model, config)
+    fold = config.fold_batchnorm if config.fold_batchnorm is not None else method.default_fold_batchnorm
+    if fold:
+        config.folded_batchnorms = fold_batchnorm(model)
     layers = find_quantizable_layers(model, skip)
     if not layers:
         raise ValueError(

@@ -14,6 +14,7 @@ from transformers.quantizers import HfQuantizer, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
 from .config import QUANT_METHOD, PTQConfig
+from .quant.fold import apply_folded_structure
 from .quant.replace import schemes_from_config, swap_in_empty_quant_modules
 
 __all__ = ["PTQHfQuantizer"]
@@ -36,6 +37,7 @@ class PTQHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
         if self.pre_quantized:
+            apply_folded_structure(model, self.quantization_config.folded_batchnorms)
             swap_in_empty_quant_modules(model, schemes_from_config(self.quantization_config), device="meta")
         return model
 

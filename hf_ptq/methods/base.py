@@ -83,6 +83,8 @@ class PTQMethod:
     needs_targets: ClassVar[bool] = False
     #: how the engine splits the model: reconstruction blocks, or one unit per layer.
     unit_granularity: ClassVar[Literal["block", "layer"]] = "layer"
+    #: fold conv → BatchNorm pairs first when ``PTQConfig.fold_batchnorm`` is None.
+    default_fold_batchnorm: ClassVar[bool] = False
 
     def __init__(self, config: "PTQConfig") -> None:
         self.config = config

@@ -11,6 +11,9 @@ from .config import CalibrationConfig, PTQConfig
 from .quantizer import PTQHfQuantizer
 from .quantize import quantize_model
 from .evaluation import evaluate_model
+from .card import EvalReport
+from .hub import HubUploadError, push_to_hub, save_quantized
+from .recipes import RecipeError, load_recipe
 
 try:
     __version__ = version("hf-ptq")
@@ -18,3 +21,4 @@ except PackageNotFoundError:  # source tree without install
     __version__ = "0.0.0"
 
 __all__ = ["PTQConfig", "CalibrationConfig", "PTQHfQuantizer", "quantize_model", "evaluate_model", "__version__"]
+__all__ += ["save_quantized", "push_to_hub", "HubUploadError", "EvalReport", "load_recipe", "RecipeError"]

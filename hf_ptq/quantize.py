@@ -66,6 +66,7 @@ def quantize_model(
         "method": config.method,
         "seconds": time.perf_counter() - start,
         "units": report,
+        **method.report_fields(),
     }
     return model
 

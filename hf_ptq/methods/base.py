@@ -134,6 +134,10 @@ class PTQMethod:
     def quantize_unit(self, work: UnitWork) -> UnitResult:
         raise NotImplementedError
 
+    def report_fields(self) -> dict[str, Any]:
+        """Method-specific entries of ``model.hf_ptq_report`` (e.g. FP=xINT's effective bits)."""
+        return {}
+
 
 _REGISTRY: dict[str, type[PTQMethod]] = {}
 

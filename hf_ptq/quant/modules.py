@@ -16,7 +16,9 @@ Two extra tensors exist on purpose:
 
 The forward pass dequantizes (``scale * (code - zero_point)``, summed over FP=xINT terms) and calls
 ``F.linear`` / ``F.conv2d``: this is simulated ("fake") quantization with real integer storage; no
-integer kernels are used.
+integer kernels are used. Layers with ``scheme.act_dynamic`` (FP=xINT activation expansion) run
+:func:`hf_ptq.quant.expanded.expanded_forward` instead: the sum over kept (weight term, activation
+term) pairs, all terms in one batched op.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .expanded import expanded_forward
 from .primitives import dequantize, fake_quantize, pack_codes, packed_words, storage_dtype, unpack_codes
 from .scheme import LayerScheme, QuantizedWeight
 
@@ -55,7 +58,7 @@ class QuantModuleMixin:
         self.register_buffer("weight_scale", torch.ones(*lead, channels, device=device))
         self.register_buffer("weight_zero_point", torch.zeros(*lead, channels, dtype=torch.int32, device=device))
         self.register_buffer("weight_shape", torch.tensor(weight_shape, dtype=torch.int64, device=device))
-        if scheme.act_bits is not None:
+        if scheme.act_bits is not None and not scheme.act_dynamic:  # dynamic: scales come from the live input
             self.register_buffer("input_scale", torch.ones(1, device=device))
             self.register_buffer("input_zero_point", torch.zeros(1, dtype=torch.int32, device=device))
 
@@ -77,6 +80,8 @@ class QuantModuleMixin:
         """Static per-tensor input quantizer parameters (only when ``act_bits`` is set)."""
         if self.scheme.act_bits is None:
             raise ValueError("this layer has no input quantizer (act_bits is None)")
+        if self.scheme.act_dynamic:
+            raise ValueError("this layer expands its input at run time (act_dynamic=True); it has no static quantizer")
         self.input_scale.copy_(scale.reshape(1))
         self.input_zero_point.copy_(zero_point.reshape(1))
 
@@ -109,6 +114,15 @@ class QuantModuleMixin:
             ).sum(0)
         return w.reshape(shape).to(dtype or self.weight.dtype)
 
+    def dequantized_terms(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Float value of every weight term, ``[terms, *weight_shape]`` (a leading 1 when terms == 1)."""
+        shape = self.weight_shape_tuple
+        terms = self.scheme.terms
+        codes = unpack_codes(self.weight_packed, self.scheme.bits, _row(shape)).reshape(terms, shape[0], -1)
+        scale = self.weight_scale.reshape(terms, -1, 1).float()
+        zero_point = self.weight_zero_point.reshape(terms, -1, 1).float()
+        return ((codes.float() - zero_point) * scale).reshape(terms, *shape).to(dtype or self.weight.dtype)
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Static fake-quantization of the layer input (identity when ``act_bits`` is None)."""
         if self.scheme.act_bits is None or not self.act_quant_enabled:
@@ -121,6 +135,8 @@ class QuantModuleMixin:
         s = self.scheme
         act = f", act_bits={s.act_bits}" if s.act_bits is not None else ""
         terms = f", terms={s.terms}" if s.terms > 1 else ""
+        if s.act_dynamic:
+            act += f", act_terms={s.act_terms} (dynamic), max_order={s.max_order}"
         return f"{self._float_repr()}, bits={s.bits}, granularity={s.granularity}{terms}{act}"
 
 
@@ -151,6 +167,8 @@ class QuantLinear(QuantModuleMixin, nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme.act_dynamic and self.act_quant_enabled:
+            return expanded_forward(self, x)
         x = self.quantize_input(x)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
@@ -208,6 +226,8 @@ class QuantConv2d(QuantModuleMixin, nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme.act_dynamic and self.act_quant_enabled:
+            return expanded_forward(self, x)
         x = self.quantize_input(x)
         return F.conv2d(
             x, self.dequantized_weight(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups

@@ -197,6 +197,13 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 8:
         return packed.to(torch.int32) + 128
     *lead, words = packed.shape
+    if 32 % bits == 0:
+        # Fast path (2/4 bits: no code straddles a word), same layout: code i of a word sits at
+        # bit i*bits. One broadcast shift + mask in int32 instead of int64 gathers; the mask also
+        # drops the sign bits an arithmetic shift of a negative word brings in.
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+        codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)
+        return codes.reshape(*lead, words * (32 // bits))[..., :n].contiguous()
     rows = packed.reshape(-1, words).to(torch.int64) & 0xFFFFFFFF
     rows = torch.cat([rows, torch.zeros_like(rows[:, :1])], dim=1)
     word, shift = _bit_positions(n, bits, packed.device)

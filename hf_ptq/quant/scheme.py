@@ -18,6 +18,11 @@ class LayerScheme:
 
     ``terms > 1`` is FP=xINT's series expansion: the weight is the sum of ``terms`` integer tensors,
     each with its own scales. ``act_bits=None`` keeps the layer input in float.
+
+    FP=xINT's run-time activation expansion (``act_dynamic=True``) replaces the static input
+    quantizer: the live input is expanded into ``act_terms`` integer terms with per-token scales, and
+    only (weight term k, activation term j) pairs with ``k + j <= max_order`` are computed
+    (``None`` keeps all pairs). The defaults leave every other method's format unchanged.
     """
 
     bits: int
@@ -26,6 +31,9 @@ class LayerScheme:
     terms: int = 1
     act_bits: int | None = None
     act_symmetric: bool = False
+    act_terms: int = 1
+    act_dynamic: bool = False
+    max_order: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,398 @@
+"""FP=xINT benchmark: expansion time, forward latency vs terms, accuracy vs terms.
+
+``python -m benchmarks.bench_fpxint [--quick] [--threads 2] [--no-doc]``
+
+1. Expansion time of ResNet-50- and ViT-Base-sized models (transformers default configs, random
+   weights): tensor-level expansion of every layer (``hf_ptq.expansion.expand_model``) and the
+   full ``quantize_model`` (expansion + packing into storage modules).
+2. Forward latency vs the number of terms: one ViT-Base MLP layer (768→3072, 197 tokens), and
+   whole ResNet-50 / ViT-Base forwards, against ``K`` separate single-term forwards.
+3. Top-1 vs terms for W2/W3/W4 on the digits ResNet (and on the Fashion-MNIST reference models
+   when ``benchmarks.models`` has them trained in the cache), plotted to
+   ``docs/fpxint_accuracy_vs_terms.png``.
+
+Results go to ``docs/benchmarks.md`` between ``<!-- fpxint:start -->`` and ``<!-- fpxint:end -->``
+(only that section is touched) and the raw numbers to ``$HF_PTQ_CACHE/benchmarks/fpxint.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DOC = REPO_ROOT / "docs" / "benchmarks.md"
+PLOT = REPO_ROOT / "docs" / "fpxint_accuracy_vs_terms.png"
+SECTION = "fpxint"
+COMMAND = "python -m benchmarks.bench_fpxint"
+
+logger = logging.get_logger("hf_ptq.benchmarks")
+
+
+# -- provenance --------------------------------------------------------------------------------
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(threads: int) -> dict[str, Any]:
+    import transformers
+
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
+        platform.processor(),
+    )
+    files = ["hf_ptq", "benchmarks/bench_fpxint.py"]
+    return {
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--", *files).strip()),
+        "machine": f"{os.cpu_count()}-core CPU ({cpu}), torch threads {threads}, no GPU",
+        "load_average_start": round(os.getloadavg()[0], 1),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+# -- timing helpers ----------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+@torch.no_grad()
+def latency(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in seconds (the machine is shared: the median resists spikes)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -- 1. expansion time -------------------------------------------------------------------------
+
+
+def big_models() -> dict[str, Callable[[], nn.Module]]:
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
+
+    return {
+        "ResNet-50": lambda: ResNetForImageClassification(ResNetConfig()).eval(),  # default config = ResNet-50
+        "ViT-Base/16": lambda: ViTForImageClassification(ViTConfig()).eval(),  # default config = ViT-B/16, 224 px
+    }
+
+
+def bench_expansion(models: dict[str, nn.Module], terms_list: list[int]) -> list[dict[str, Any]]:
+    from hf_ptq import PTQConfig, quantize_model
+    from hf_ptq.expansion import expand_model
+
+    rows = []
+    for name, model in models.items():
+        params = sum(p.numel() for p in model.parameters())
+        for terms in terms_list:
+            t_expand, exp = timed(lambda: expand_model(model, 4, terms))
+            expanded = sum(s.codes[0].numel() for s in exp.series.values())
+            del exp
+            work = copy.deepcopy(model)
+            config = PTQConfig(method="fpxint", weight_bits=4, method_kwargs={"terms": terms})
+            t_quant, _ = timed(lambda: quantize_model(work, config))
+            del work
+            rows.append(
+                {"model": name, "params_m": params / 1e6, "expanded_m": expanded / 1e6, "terms": terms,
+                 "expand_s": t_expand, "quantize_s": t_quant}
+            )  # fmt: skip
+            logger.warning(f"expansion {name} K={terms}: expand {t_expand:.2f} s, quantize_model {t_quant:.2f} s")
+    return rows
+
+
+# -- 2. forward latency vs K -------------------------------------------------------------------
+
+
+def _quantized_layer(layer: nn.Module, **config) -> nn.Module:
+    from hf_ptq import PTQConfig, quantize_model
+
+    model = nn.Sequential(copy.deepcopy(layer))
+    quantize_model(model, PTQConfig(method="fpxint", modules_to_not_convert=[], **config))
+    return model[0]
+
+
+def bench_layer_latency(terms_list: list[int], repeats: int) -> list[dict[str, Any]]:
+    from hf_ptq.expansion import StackedLinear
+    from hf_ptq.quant.expanded import pair_outputs
+
+    torch.manual_seed(0)
+    layer = nn.Linear(768, 3072)
+    x = torch.randn(197, 768)
+    rows = [{"variant": "float nn.Linear", "terms": 1, "seconds": latency(lambda: layer(x), repeats)}]
+    single = _quantized_layer(layer, weight_bits=4, method_kwargs={"terms": 1})
+    base = latency(lambda: single(x), repeats)
+    for terms in terms_list:
+        wq = _quantized_layer(layer, weight_bits=4, method_kwargs={"terms": terms})
+        aq = _quantized_layer(layer, weight_bits=4, act_bits=8, method_kwargs={"terms": terms})
+        loop = [_quantized_layer(layer, weight_bits=4, method_kwargs={"terms": 1}) for _ in range(terms)]
+        stacked = StackedLinear(torch.randn(terms, 3072, 768), layer.bias.detach())
+        for variant, fn in [
+            ("W4×K weight-only, batched (module forward)", lambda: wq(x)),
+            ("W4×K A8×1 dynamic, batched (module forward)", lambda: aq(x)),
+            ("W4×K A8×1, explicit K·J integer pair products (one bmm)", lambda: pair_outputs(aq, x)),
+            ("K separate single-term forwards (Python loop)", lambda: sum(m(x) for m in loop)),
+            ("K float basis layers, one GEMM (StackedLinear)", lambda: stacked(x)),
+        ]:
+            rows.append({"variant": variant, "terms": terms, "seconds": latency(fn, repeats)})
+    for r in rows:
+        r["vs_single"] = r["seconds"] / base
+    return rows
+
+
+def bench_model_latency(models: dict[str, nn.Module], terms_list: list[int], repeats: int) -> list[dict[str, Any]]:
+    from hf_ptq import PTQConfig, quantize_model
+
+    rows = []
+    x = torch.randn(1, 3, 224, 224)
+    for name, model in models.items():
+        fp = latency(lambda: model(pixel_values=x), repeats)
+        rows.append({"model": name, "variant": "float", "terms": 0, "seconds": fp})
+        single = None
+        for terms in terms_list:
+            q = quantize_model(copy.deepcopy(model), PTQConfig(method="fpxint", weight_bits=4, method_kwargs={"terms": terms}))
+            sec = latency(lambda: q(pixel_values=x), repeats)
+            single = sec if terms == 1 else single
+            rows.append({"model": name, "variant": "W4×K weight-only", "terms": terms, "seconds": sec})
+            del q
+        for r in rows:
+            if r["model"] == name and single:
+                r["vs_single"] = r["seconds"] / single
+        logger.warning(f"latency {name}: " + ", ".join(f"K={r['terms']} {r['seconds'] * 1e3:.0f} ms" for r in rows if r["model"] == name))
+    return rows
+
+
+# -- 3. accuracy vs terms ----------------------------------------------------------------------
+
+
+def accuracy_curves(checkpoint: Path, dataset, bits_list: list[int], terms_list: list[int], max_samples: int | None) -> dict[str, Any]:
+    """FP top-1 and FP=xINT top-1 per (bits, terms), weight-only, no calibration data."""
+    import hf_ptq
+    from hf_ptq import PTQConfig, quantize_model
+    from transformers import AutoModelForImageClassification
+
+    fp = AutoModelForImageClassification.from_pretrained(checkpoint).eval()
+    fp_top1 = hf_ptq.evaluate_model(fp, dataset, max_samples=max_samples)["top1"]
+    curves: dict[int, dict[int, float]] = {}
+    for bits in bits_list:
+        curves[bits] = {}
+        for terms in terms_list:
+            q = quantize_model(copy.deepcopy(fp), PTQConfig(method="fpxint", weight_bits=bits, method_kwargs={"terms": terms}))
+            curves[bits][terms] = hf_ptq.evaluate_model(q, dataset, max_samples=max_samples)["top1"]
+            logger.warning(f"{checkpoint.name} W{bits}×{terms}: top-1 {100 * curves[bits][terms]:.2f} % (FP {100 * fp_top1:.2f})")
+    n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
+    return {"fp_top1": fp_top1, "curves": curves, "test_images": n}
+
+
+def fmnist_references() -> dict[str, Path]:
+    """Trained Fashion-MNIST reference checkpoints from ``benchmarks.models``, if any (never trains)."""
+    try:
+        from .models import MODELS, checkpoint_dir, load_info
+    except ImportError:
+        return {}
+    found = {}
+    for key, spec in MODELS.items():
+        try:
+            if load_info(spec) is not None:
+                found[f"Fashion-MNIST {spec.title}"] = checkpoint_dir(spec)
+        except Exception as err:  # a half-finished benchmarks package must not break this benchmark
+            logger.warning(f"skipping Fashion-MNIST reference {key}: {err}")
+    return found
+
+
+def fmnist_test_split():
+    from .data import load_benchmark_dataset
+
+    return load_benchmark_dataset(install=False)["test"]
+
+
+def plot_curves(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(results)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.6), squeeze=False)
+    for ax, (name, res) in zip(axes[0], results.items()):
+        for bits, curve in res["curves"].items():
+            ks = sorted(curve)
+            ax.plot(ks, [100 * curve[k] for k in ks], marker="o", label=f"W{bits}")
+            for k in ks:
+                ax.annotate(f"{bits * k}b", (k, 100 * curve[k]), textcoords="offset points", xytext=(4, -10), fontsize=6)
+        ax.axhline(100 * res["fp_top1"], color="k", linestyle="--", linewidth=1, label="float")
+        ax.set_title(f"{name} ({res['test_images']} test images)", fontsize=9)
+        ax.set_xlabel("terms K (labels: effective bits = bits × K)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_xticks(sorted(next(iter(res["curves"].values()))))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("FP=xINT weight-only, no calibration data: top-1 vs number of terms", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """Replace only the ``name`` section between its markers (appended when absent)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if len(pattern.findall(text)) > 1 or (start in text) != (end in text):
+        raise ValueError(f"docs/benchmarks.md: markers of section {name!r} are broken; fix them by hand")
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text, count=1)
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def markdown(meta: dict[str, Any], expansion, layer_rows, model_rows, accuracy) -> str:
+    dirty = " (with uncommitted changes in hf_ptq/ or this script)" if meta["dirty"] else ""
+    out = [
+        "## FP=xINT (series expansion)",
+        "",
+        f"Command: `{meta['command']}` — commit `{meta['commit']}`{dirty}, {meta['date']}.",
+        f"Machine: {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}. The 2 cores were "
+        f"shared with other jobs (1-min load average {meta['load_average_start']} at start, "
+        f"{meta['load_average_end']} at end), so absolute times are pessimistic; ratios within a table were "
+        "measured back to back. Simulated integer arithmetic (dequantize + float GEMM), as everywhere in hf_ptq.",
+        "",
+        "### Expansion time (random weights, W4, all quantizable layers; classifier / ViT patch embedding skipped)",
+        "",
+        "| model | params (M) | expanded weights (M) | terms K | `expand_model` (s) | `quantize_model` incl. packing (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in expansion:
+        out.append(f"| {r['model']} | {r['params_m']:.1f} | {r['expanded_m']:.1f} | {r['terms']} | {r['expand_s']:.2f} | {r['quantize_s']:.2f} |")
+    out += [
+        "",
+        "### Forward latency vs terms: one ViT-Base MLP layer (768→3072, 197 tokens)",
+        "",
+        "Median of repeated runs; ratio = time / the single-term (K=1) W4 quantized forward.",
+        "",
+        "| variant | K | ms | × single-term W4 |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in layer_rows:
+        out.append(f"| {r['variant']} | {r['terms']} | {1e3 * r['seconds']:.2f} | {r['vs_single']:.2f} |")
+    out += [
+        "",
+        "### Forward latency vs terms: whole models (batch 1, 224×224, weight-only W4×K)",
+        "",
+        "| model | variant | K | ms | × K=1 |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in model_rows:
+        out.append(f"| {r['model']} | {r['variant']} | {r['terms'] or '–'} | {1e3 * r['seconds']:.0f} | {r.get('vs_single', float('nan')):.2f} |")
+    out += [
+        "",
+        "### Top-1 vs terms (weight-only, per-channel asymmetric grids, no calibration data)",
+        "",
+        f"![FP=xINT top-1 vs terms]({PLOT.name})",
+        "",
+    ]
+    for name, res in accuracy.items():
+        terms = sorted(next(iter(res["curves"].values())))
+        out.append(f"**{name}** — float top-1 {100 * res['fp_top1']:.2f} % on {res['test_images']} test images.")
+        out.append("")
+        out.append("| bits | " + " | ".join(f"K={k}" for k in terms) + " |")
+        out.append("|---|" + "---:|" * len(terms))
+        for bits, curve in res["curves"].items():
+            cells = [f"{100 * curve[k]:.2f} ({bits * k} eff. bits)" for k in terms]
+            out.append(f"| W{bits} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_doc(body: str) -> None:
+    intro = "# hf_ptq benchmarks\n\nMeasured results; each section names the command that produced it.\n"
+    text = DOC.read_text() if DOC.exists() else intro
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(replace_section(text, SECTION, body))
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and terms (smoke run, no doc update)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--fmnist-max-samples", type=int, default=2000, help="Fashion-MNIST test images per evaluation")
+    parser.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md or the plot")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    logging.set_verbosity_warning()
+    logging.disable_progress_bar()
+    meta = {**provenance(args.threads), "command": COMMAND + (" --quick" if args.quick else "")}
+
+    terms_list = [1, 2] if args.quick else [1, 2, 3, 4]
+    repeats = 3 if args.quick else 7
+
+    with torch.no_grad():
+        models = {name: build() for name, build in big_models().items()}
+    expansion = bench_expansion(models, [2] if args.quick else [2, 4])
+    layer_rows = bench_layer_latency(terms_list, repeats=repeats * 3)
+    model_rows = bench_model_latency(models, terms_list, repeats=repeats)
+    del models
+
+    from hf_ptq.builtin_data import load_digits_dataset
+    from hf_ptq.quickstart import train_digits_checkpoint
+
+    accuracy = {
+        "digits ResNet": accuracy_curves(train_digits_checkpoint(), load_digits_dataset()["test"], [2, 3, 4], terms_list, None)
+    }
+    refs = {} if args.quick else fmnist_references()
+    if refs:
+        test = fmnist_test_split()
+        for name, ckpt in refs.items():
+            accuracy[name] = accuracy_curves(ckpt, test, [2, 3, 4], terms_list, args.fmnist_max_samples)
+    meta["load_average_end"] = round(os.getloadavg()[0], 1)
+
+    results = {"meta": meta, "expansion": expansion, "layer_latency": layer_rows, "model_latency": model_rows, "accuracy": accuracy}
+    cache = Path(os.environ.get("HF_PTQ_CACHE", Path.home() / ".cache" / "hf_ptq")) / "benchmarks" / "fpxint.json"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    body = markdown(meta, expansion, layer_rows, model_rows, accuracy)
+    print(body)
+    if not (args.no_doc or args.quick):
+        plot_curves(accuracy, PLOT)
+        write_doc(body)
+        print(f"\nwrote {DOC} (section {SECTION!r}) and {PLOT}; raw numbers in {cache}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -221,7 +221,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             create_pr=push.create_pr,
             token=args.token,
         )
-        print(f"pushed: {getattr(info, 'pr_url', None) or getattr(info, 'commit_url', info)}")
+        url = getattr(info, "pr_url", None) or getattr(info, "commit_url", info)
+        print(f"pushed: {url}", file=sys.stderr if args.json else sys.stdout)  # keep --json stdout parseable
     return EXIT_OK
 
 

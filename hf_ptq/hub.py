@@ -235,7 +235,7 @@ def _hint(err: BaseException, repo_id: str) -> str:
         return "HF_HUB_OFFLINE is set: unset it to upload."
     if name in ("ConnectError", "ConnectTimeout", "ReadTimeout") or isinstance(err, (ConnectionError, TimeoutError)):
         return "The Hub could not be reached: check the network (and HF_ENDPOINT if you set it)."
-    return "See the error above."
+    return "The reason given by the Hub is quoted above."
 
 
 def _upload(
@@ -271,9 +271,12 @@ def _upload(
             token=token,
         )
     except Exception as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        detail = " ".join(str(err).split()) or "(no message)"
+        detail = detail if len(detail) <= 600 else detail[:600] + " ..."
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        code = f" (HTTP {status})" if status is not None else ""
         raise HubUploadError(
-            f"Upload of {folder} to {repo_id!r} failed while {stage}: {type(err).__name__}: {detail}\n"
+            f"Upload of {folder} to {repo_id!r} failed while {stage}{code}: {type(err).__name__}: {detail}\n"
             f"{_hint(err, repo_id)}\n"
             f"The local checkpoint {folder} is intact; retry with `hf-ptq push {folder} {repo_id}` "
             f"or hf_ptq.push_to_hub({str(folder)!r}, {repo_id!r}).",

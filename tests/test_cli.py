@@ -77,7 +77,7 @@ def test_evaluate_command_reports_the_same_top1(cli_run, digits, capsys):
 
 def test_quantize_then_failed_push_exits_3_and_keeps_the_checkpoint(tmp_path, capsys, digits_checkpoint):
     out = tmp_path / "pushed"
-    with FakeHub(fail={"commit": 500}).installed() as hub:
+    with FakeHub(fail={"commit": 403}).installed() as hub:
         code = main(["quantize", "digits-resnet-rtn-w4", "-o", str(out), "--no-eval", "-q",
                      "--push-to-hub", "me/digits", "--private", "--token", "hf_t"])  # fmt: skip
     captured = capsys.readouterr()

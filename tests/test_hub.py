@@ -235,10 +235,10 @@ def test_push_a_model_object(tmp_path, quantized):
     [
         ({"commit": 403}, "cannot write to 'me'"),
         ({"create": 401}, "hf auth login"),
-        ({"preupload": 500}, "See the error above"),
+        ({"preupload": 400}, "The reason given by the Hub is quoted above"),
         ({"create": httpx2.ConnectError("no route to host")}, "could not be reached"),
     ],
-    ids=["forbidden", "unauthorized", "server error", "offline"],
+    ids=["forbidden", "unauthorized", "bad request", "offline"],
 )
 def test_failed_upload_leaves_the_checkpoint_and_says_why(tmp_path, saved, fail, hint):
     folder = shutil.copytree(saved, tmp_path / "ckpt")
@@ -248,15 +248,17 @@ def test_failed_upload_leaves_the_checkpoint_and_says_why(tmp_path, saved, fail,
     message = str(info.value)
     assert hint in message
     assert f"The local checkpoint {folder} is intact" in message and f"hf-ptq push {folder} me/x" in message
-    status = next(iter(fail.values()))
-    if isinstance(status, int):
-        assert str(status) in message
+    route, status = next(iter(fail.items()))
+    if isinstance(status, int):  # the Hub's own reason and status are quoted
+        assert f"(HTTP {status})" in message and f"fake hub: {route} refused with {status}" in message
+    else:
+        assert "no route to host" in message
     assert _digest(folder) == before
     assert hub.commits == []
 
 
 def test_failed_push_of_a_model_keeps_the_staged_folder(quantized, pixels):
-    with FakeHub(fail={"commit": 500}).installed(), pytest.raises(HubUploadError) as info:
+    with FakeHub(fail={"commit": 403}).installed(), pytest.raises(HubUploadError) as info:
         push_to_hub(quantized, "me/x", token="t")
     staged = info.value.folder
     assert str(staged) in str(info.value) and (staged / "README.md").is_file()
@@ -281,3 +283,29 @@ def test_push_refuses_folders_that_are_not_hf_ptq_checkpoints(tmp_path, saved, p
     with FakeHub().installed() as hub, pytest.raises((ValueError, FileNotFoundError), match=match):
         push_to_hub(folder, "me/x", token="t")
     assert hub.requests == []
+
+
+def test_card_states_calibration_and_format_tags():
+    """Card fields for a calibrated W4A8 config and a multi-term (FP=xINT-style) layer, without a model."""
+    from hf_ptq.card import build_model_card
+
+    config = hf_ptq.PTQConfig(
+        method="rtn",
+        weight_bits=4,
+        act_bits=8,
+        calibration={"dataset": "someone/calib-images", "num_samples": 64, "batch_size": 16, "seed": 3},
+        quantized_modules={"a": {}, "b": {"terms": 2}},
+    )
+    card = build_model_card(config, base_model="org/base", license="apache-2.0", calibration_dataset="someone/calib-images")
+    data = card.data
+    assert {"w4x2a8", "rtn", "4-bit"} <= set(data.tags)
+    assert data.datasets == ["someone/calib-images"]
+    for needle in (
+        "| calibration data | someone/calib-images, split `train` |",
+        "| calibration size / seed | 64 images, batch 16, seed 3 |",
+        "| activations | 8 bit, static per-tensor, asymmetric, mse observer |",
+        "| weight bits | 4 x 2 terms (8 effective bits) |",
+        "| quantized layers | 2 |",
+        "[`org/base`](https://huggingface.co/org/base)",
+    ):
+        assert needle in card.content, needle

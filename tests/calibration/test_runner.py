@@ -137,7 +137,8 @@ def test_fallback_architecture_quantizes_with_activations():
     model = tiny_mobilenet()
     float_copy = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32)
-    quantize_model(model, PTQConfig(weight_bits=8, act_bits=8, calibration={"dataset": _batches(), "batch_size": 4, "num_samples": 12}))
+    calibration = {"dataset": _batches(n=1), "batch_size": 4, "num_samples": 4}
+    quantize_model(model, PTQConfig(weight_bits=8, act_bits=8, act_observer="minmax", calibration=calibration))
     units = model.hf_ptq_report["units"]
     assert all(u["layers"] == [u["unit"]] for u in units) and len(units) > 10
     with torch.no_grad():

@@ -3,9 +3,9 @@
 * ``accuracy_plot``: one panel per model, settings on the x axis ordered from most to fewest
   bits, one line per method, the float top-1 as a dashed line. Cells without a measurement
   (missing / n/a / error) leave gaps instead of being drawn as zero.
-* ``unit_error_plot``: per-unit errors from ``model.hf_ptq_report["units"]`` (RTN reports
-  ``weight_rel_error``; calibrated methods add reconstruction errors), one row per model and
-  one column per weight-only setting, one line per (method, statistic).
+* ``unit_error_plot``: per-unit errors from ``model.hf_ptq_report["units"]`` at one setting (RTN
+  reports ``weight_rel_error`` per layer; calibrated methods add reconstruction errors per unit),
+  one panel per (model, method), one line per error statistic.
 """
 
 from __future__ import annotations
@@ -64,40 +64,60 @@ def accuracy_plot(
 
 
 def error_keys(units: Sequence[dict[str, Any]]) -> list[str]:
-    """Numeric per-unit statistics that are errors (``*error*``, ``*recon*``, ``*loss*``), first-seen order."""
+    """Numeric per-unit statistics named ``*error*`` (e.g. ``weight_rel_error``, ``recon_error``), first-seen order.
+
+    Other statistics (losses along the optimisation, timings) are not comparable across methods.
+    """
     keys: list[str] = []
     for u in units:
         for k, v in u.items():
-            if k != "unit" and isinstance(v, (int, float)) and any(t in k for t in ("error", "recon", "loss", "mse")):
-                if k not in keys:
-                    keys.append(k)
+            if k != "unit" and "error" in k and isinstance(v, (int, float)) and k not in keys:
+                keys.append(k)
     return keys
 
 
+def _short(unit: str) -> str:
+    """``resnet.encoder.stages.1.layers.0`` → ``stages.1.layers.0`` (tick labels must stay short)."""
+    parts = unit.split(".")
+    return ".".join(parts[-4:]) if len(parts) > 4 else unit
+
+
 def unit_error_plot(
-    results: Sequence[dict[str, Any]], models: Sequence[str], settings: Sequence[str], out: Path, title: str = ""
+    results: Sequence[dict[str, Any]], models: Sequence[str], methods: Sequence[str], setting: str, out: Path,
+    title: str = "",
 ) -> Path | None:
-    """Per-unit error curves; returns None when no cell reported per-unit statistics."""
+    """Per-unit errors at one setting: a panel per (model, method), a line per error statistic.
+
+    Methods have different units (RTN: every layer; block methods: blocks), so each gets its own
+    panel and x axis. Returns None when no cell at ``setting`` reported per-unit errors.
+    """
     plt = _plt()
-    rows = [m for m in models if any(r["model"] == m and r.get("units") for r in results)]
-    cols = [s for s in settings if any(r["setting"] == s and r.get("units") for r in results)]
+    cells = {(r["model"], r["method"]): r for r in results
+             if r["setting"] == setting and r.get("status") == "ok" and error_keys(r.get("units") or [])}  # fmt: skip
+    rows = [m for m in models if any(k[0] == m for k in cells)]
+    cols = [m for m in methods if any(k[1] == m for k in cells)]
     if not rows or not cols:
         return None
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(5.2 * len(cols), 3.3 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(4.8 * len(cols), 3.4 * len(rows)), squeeze=False)
     for i, model in enumerate(rows):
-        for j, setting in enumerate(cols):
+        for j, method in enumerate(cols):
             ax = axes[i][j]
-            cells = [r for r in results if r["model"] == model and r["setting"] == setting and r.get("units")]
-            for r in cells:
-                for key in error_keys(r["units"]):
-                    ys = [u.get(key, float("nan")) for u in r["units"]]
-                    ax.plot(range(len(ys)), ys, marker=_MARKERS.get(r["method"], "x"), ms=3,
-                            label=f"{r['method']}: {key}")  # fmt: skip
+            r = cells.get((model, method))
+            ax.set_title(f"{model} · {method} · {setting}", fontsize=9)
+            if r is None:
+                ax.text(0.5, 0.5, "no per-unit report", ha="center", va="center", transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
+            units = r["units"]
+            for key in error_keys(units):
+                ys = [u.get(key, float("nan")) for u in units]
+                ax.plot(range(len(ys)), ys, marker=_MARKERS.get(method, "x"), ms=3, label=key)
             ax.set_yscale("log")
-            ax.set_title(f"{model} {setting}", fontsize=9)
-            ax.set_xlabel("unit (model order)")
+            step = max(1, len(units) // 12)
+            ticks = list(range(0, len(units), step))
+            ax.set_xticks(ticks, [_short(units[t]["unit"]) for t in ticks], rotation=60, ha="right", fontsize=6)
             ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

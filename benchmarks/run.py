@@ -34,6 +34,7 @@ from .matrix import (
     DEFAULT_METHOD_KWARGS,
     METHODS,
     MODEL_KEYS,
+    QUICK_METHOD_KWARGS,
     SETTINGS,
     Cell,
     cell_key,
@@ -48,7 +49,14 @@ logger = logging.get_logger("hf_ptq.benchmarks")
 DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 ACCURACY_PNG = REPO_ROOT / "docs" / "benchmarks-accuracy.png"
-UNITS_PNG = REPO_ROOT / "docs" / "benchmarks-units.png"
+#: per-unit error plots: one PNG per weight-only setting where methods differ most
+UNIT_PLOT_SETTINGS = ("W4A32", "W2A32")
+
+
+def units_png(setting: str) -> Path:
+    return REPO_ROOT / "docs" / f"benchmarks-units-{setting}.png"
+
+
 #: fields dropped from the committed JSON (kept in the per-cell cache)
 _HEAVY_FIELDS = ("traceback",)
 
@@ -65,9 +73,11 @@ def _csv(text: str | None, allowed: tuple[str, ...], what: str) -> list[str]:
     return items
 
 
-def _method_kwargs(overrides: list[str]) -> dict[str, dict[str, Any]]:
-    """``["fpxint={\"terms\": 3}"]`` → per-method kwargs on top of the benchmark defaults."""
+def _method_kwargs(overrides: list[str], quick: bool = False) -> dict[str, dict[str, Any]]:
+    """``["fpxint={\"terms\": 3}"]`` → per-method kwargs replacing the benchmark defaults."""
     kwargs = {k: dict(v) for k, v in DEFAULT_METHOD_KWARGS.items()}
+    if quick:
+        kwargs.update({k: dict(v) for k, v in QUICK_METHOD_KWARGS.items()})
     for item in overrides:
         name, _, blob = item.partition("=")
         try:
@@ -211,8 +221,8 @@ def matrix_section(results, infos, meta, methods, settings, command: str, plots:
     pics = [f"![{name}]({p.name})" for name, p in plots.items() if p is not None]
     if pics:
         parts += ["", "Plots (same run): " + " ".join(pics)]
-    if plots.get("per-unit error") is None:
-        parts += ["", "No per-unit report was available for a per-unit error plot."]
+    if not any(p for name, p in plots.items() if name.startswith("per-unit")):
+        parts += ["", "No cell reported per-unit errors, so there is no per-unit error plot."]
     parts += ["", f"Raw results: `benchmarks/results/{meta['results_file']}`."]
     return "\n".join(parts)
 
@@ -276,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cells:
         raise SystemExit("no cells selected")
     write_docs = args.docs if args.docs is not None else not (args.quick or subset)
-    method_kwargs = _method_kwargs(args.method_kwargs)
+    method_kwargs = _method_kwargs(args.method_kwargs, quick=args.quick)
     command = _command(argv)
     start = time.perf_counter()
     results, infos = run_matrix(cells, threads=args.threads, timeout=args.cell_timeout, force=args.force,
@@ -302,12 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         from .report import update_doc
 
         title = f"{command} @ {meta['commit']} ({meta['date']})"
-        plots = {
+        plots: dict[str, Path | None] = {
             "accuracy vs bits": accuracy_plot(results, {m: i["fp_top1"] for m, i in infos.items()}, methods,
                                               ACCURACY_PNG, title),  # fmt: skip
-            "per-unit error": unit_error_plot(results, list(infos), [s for s in settings if s.endswith("A32")],
-                                              UNITS_PNG, title),  # fmt: skip
         }
+        for s in UNIT_PLOT_SETTINGS:
+            if s in settings:
+                plots[f"per-unit error {s}"] = unit_error_plot(results, list(infos), methods, s,
+                                                               units_png(s), title)  # fmt: skip
         update_doc(DOC_PATH, {
             "models": models_section(infos),
             "matrix": matrix_section(results, infos, meta, methods, settings, command, plots),

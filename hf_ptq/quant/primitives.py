@@ -179,6 +179,15 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     *lead, n = codes.shape
     rows = codes.reshape(-1, n).to(torch.int64)
     words = packed_words(n, bits)
+    if 32 % bits == 0:
+        # Fast path (2/4 bits: no code straddles a word): pad the row to whole words, shift each
+        # code to its slot and add (disjoint bits) — same layout as the general path below.
+        per = 32 // bits
+        rows = torch.cat([rows, rows.new_zeros(rows.shape[0], words * per - n)], dim=1).reshape(-1, words, per)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=codes.device)
+        out = (rows << shifts).sum(-1)
+        out = torch.where(out >= 2**31, out - 2**32, out)  # reinterpret uint32 as int32
+        return out.to(torch.int32).reshape(*lead, words)
     word, shift = _bit_positions(n, bits, codes.device)
     out = torch.zeros(rows.shape[0], words + 1, dtype=torch.int64, device=codes.device)
     # Bits never overlap, so adding is the same as OR-ing. Low part goes to `word`, the part

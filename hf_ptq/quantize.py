@@ -58,14 +58,15 @@ def quantize_model(
     if method.requires_calibration(config):
         from .calibration.runner import run_calibrated
 
-        report = run_calibrated(model, method, layers, schemes, calibration_data, image_processor)
+        report, timing = run_calibrated(model, method, layers, schemes, calibration_data, image_processor)
     else:
-        report = _run_data_free(model, method, layers, schemes)
+        report, timing = _run_data_free(model, method, layers, schemes), {}
     config.quantized_modules = {name: scheme_overrides(config, schemes[name]) for name in layers}
     model.hf_ptq_report = {
         "method": config.method,
         "seconds": time.perf_counter() - start,
         "units": report,
+        "timing": timing,
         **method.report_fields(),
     }
     return model

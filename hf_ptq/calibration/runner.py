@@ -18,6 +18,8 @@ accelerator; each mini-batch moves there for its forward only.
 from __future__ import annotations
 
 import contextlib
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,6 +241,34 @@ def _observe_inputs(
         q.set_input_qparams(*observers[n].qparams(q.scheme.act_bits, q.scheme.act_symmetric))
 
 
+class _Stopwatch:
+    """Seconds spent per phase, so users (and the benchmark) see where calibration time goes."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+
+@torch.no_grad()
+def _baseline_error(model, unit_name, layers, schemes, qmodules, inputs, targets, device, cache_dtype) -> float:
+    """Reconstruction error of the unit with min-max RTN weights (same input quantizers as the method)."""
+    baseline = {
+        n: make_quant_module(layer, rtn_quantize_weight(layer.weight, schemes[n], "minmax")) for n, layer in layers.items()
+    }
+    for n, b in baseline.items():
+        if qmodules[n].scheme.act_bits is not None:
+            b.set_input_qparams(qmodules[n].input_scale, qmodules[n].input_zero_point)
+    with _swapped(model, baseline):
+        return _relative_error(run_unit(model.get_submodule(unit_name), inputs, device, cache_dtype), targets)
+
+
 def run_calibrated(
     model: nn.Module,
     method: PTQMethod,
@@ -246,8 +276,15 @@ def run_calibrated(
     schemes: dict[str, LayerScheme],
     calibration_data: Any = None,
     image_processor: Any = None,
-) -> list[dict[str, Any]]:
-    """Quantize ``layers`` unit by unit with ``method``; returns the per-unit report."""
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Quantize ``layers`` unit by unit with ``method``.
+
+    Returns the per-unit report and the seconds spent per phase: ``data`` (loading and
+    preprocessing), ``prepare`` (the method's one-off pass), ``capture`` (running the model up to a
+    unit), ``propagate`` (float and quantized unit outputs that feed the next unit), ``method``,
+    ``observe`` (activation ranges) and ``report`` (the RTN baseline and after-errors).
+    """
+    clock = _Stopwatch()
     config = method.config
     spec = config.calibration
     if spec is None:
@@ -258,13 +295,16 @@ def run_calibrated(
         spec = CalibrationConfig(dataset=calibration_data)
     cache_dtype = torch.float16 if spec.cache_dtype == "float16" else torch.float32
     device = execution_device(model)
-    batches = calibration_batches(spec, model, image_processor, dataset=calibration_data)
+    with clock("data"):
+        batches = calibration_batches(spec, model, image_processor, dataset=calibration_data)
     model.eval()
     units = units_for(model, list(layers), method.unit_granularity)
     mode = method.input_mode if method.input_mode != "none" else "quantized"
     defer_swaps = mode == "fp"
-    extras = method.prepare(model, units, batches, device) or {}
-    probes = probe_units(model, units, batches[0][:2], device)
+    with clock("prepare"):
+        extras = method.prepare(model, units, batches, device) or {}
+    with clock("capture"):
+        probes = probe_units(model, units, batches[0][:2], device)
 
     report: list[dict[str, Any]] = []
     pending: dict[str, nn.Module] = {}
@@ -277,23 +317,25 @@ def run_calibrated(
         desc = f"({i + 1}/{len(units)}) {unit.kind}"
         bar.set_description(f"{desc}: calibrating")
         # 1. inputs of this unit, on both chains
-        if probes[i].direct:
-            f_in = _next_inputs(f_out, probes[i])
-            q_in = _next_inputs(q_out, probes[i]) if not defer_swaps else None
-        elif i == 0 or defer_swaps:
-            f_in = capture_inputs(model, unit.module, batches, device, cache_dtype)
-            q_in = f_in if not defer_swaps else None
-        else:
-            q_in = capture_inputs(model, unit.module, batches, device, cache_dtype)
-            previous = model.get_submodule(units[i - 1].name)  # a layer unit may have been replaced
-            f_in = capture_inputs(model, unit.module, batches, device, cache_dtype, override=(previous, f_out))
+        with clock("capture"):
+            if probes[i].direct:
+                f_in = _next_inputs(f_out, probes[i])
+                q_in = _next_inputs(q_out, probes[i]) if not defer_swaps else None
+            elif i == 0 or defer_swaps:
+                f_in = capture_inputs(model, unit.module, batches, device, cache_dtype)
+                q_in = f_in if not defer_swaps else None
+            else:
+                q_in = capture_inputs(model, unit.module, batches, device, cache_dtype)
+                previous = model.get_submodule(units[i - 1].name)  # a layer unit may have been replaced
+                f_in = capture_inputs(model, unit.module, batches, device, cache_dtype, override=(previous, f_out))
         method_inputs = f_in if mode == "fp" else q_in
 
         def current(name: str = unit.name) -> nn.Module:  # the unit as it is in the model right now
             return model.get_submodule(name)
 
         with onloaded(unit.module, device):
-            f_out = run_unit(unit.module, f_in, device, cache_dtype)
+            with clock("propagate"):
+                f_out = run_unit(unit.module, f_in, device, cache_dtype)
             work = UnitWork(
                 name=unit.name,
                 module=unit.module,
@@ -306,30 +348,28 @@ def run_calibrated(
                 extras=extras.get(unit.name, {}),
                 desc=desc,
             )
-            result = method.quantize_unit(work)
-            qmodules = {
-                n: make_quant_module(work.layers[n], result.weights[n], result.input_qparams.get(n))
-                for n in unit.layer_names
-            }
-            skip = set(result.input_qparams)
-            _observe_inputs(model, unit.name, qmodules, skip, method_inputs, device, cache_dtype, config)
-            baseline = {
-                n: make_quant_module(work.layers[n], rtn_quantize_weight(work.layers[n].weight, schemes[n], "minmax"))
-                for n in unit.layer_names
-            }
-            for n, b in baseline.items():  # the baseline reuses the method's input quantizers
-                if qmodules[n].scheme.act_bits is not None:
-                    b.set_input_qparams(qmodules[n].input_scale, qmodules[n].input_zero_point)
-            with _swapped(model, baseline):
-                err_rtn = _relative_error(run_unit(current(), method_inputs, device, cache_dtype), f_out)
+            with clock("method"):
+                result = method.quantize_unit(work)
+                qmodules = {
+                    n: make_quant_module(work.layers[n], result.weights[n], result.input_qparams.get(n))
+                    for n in unit.layer_names
+                }
+            with clock("observe"):
+                skip = set(result.input_qparams)
+                _observe_inputs(model, unit.name, qmodules, skip, method_inputs, device, cache_dtype, config)
+            with clock("report"):
+                err_rtn = _baseline_error(
+                    model, unit.name, work.layers, schemes, qmodules, method_inputs, f_out, device, cache_dtype
+                )
             if defer_swaps:
-                with _swapped(model, qmodules):
+                with clock("report"), _swapped(model, qmodules):
                     err_after = _relative_error(run_unit(current(), method_inputs, device, cache_dtype), f_out)
                 pending.update(qmodules)
             else:
                 for n, q in qmodules.items():
                     replace_layer(model, n, q)
-                q_out = run_unit(current(), q_in, device, cache_dtype)
+                with clock("propagate"):
+                    q_out = run_unit(current(), q_in, device, cache_dtype)
                 err_after = _relative_error(q_out, f_out)
         report.append(
             {
@@ -346,4 +386,4 @@ def run_calibrated(
     bar.close()
     for n, q in pending.items():
         replace_layer(model, n, q)
-    return report
+    return report, dict(clock.seconds)

@@ -97,6 +97,7 @@ class _Schema(BaseModel):
     act_symmetric: StrictBool = False
     act_observer: Literal["minmax", "percentile", "mse"] = "mse"
     modules_to_not_convert: list[str] | None = None
+    act_modules_to_not_convert: list[str] = Field(default_factory=list)
     calibration: CalibrationConfig | None = None
     method_kwargs: dict[str, Any] = Field(default_factory=dict)
     fold_batchnorm: StrictBool | None = None
@@ -120,7 +121,7 @@ class _Schema(BaseModel):
             raise ValueError(f"unknown method. Allowed values: {', '.join(repr(m) for m in available_methods())}")
         return v
 
-    @field_validator("modules_to_not_convert", mode="before")
+    @field_validator("modules_to_not_convert", "act_modules_to_not_convert", mode="before")
     @classmethod
     def _list_of_str(cls, v: Any) -> Any:
         if v is not None and (not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v)):
@@ -145,6 +146,8 @@ class PTQConfig(QuantizationConfigMixin):
         act_observer: ``"minmax"``, ``"percentile"`` or ``"mse"`` for activation ranges.
         modules_to_not_convert: module names or patterns kept in float; ``None`` = the defaults
             (classifier heads, ViT/DeiT patch embedding); ``[]`` quantizes everything.
+        act_modules_to_not_convert: quantized layers whose *input* activations stay in float when
+            ``act_bits`` is set (same pattern rules), e.g. ``["mlp.fc2"]`` keeps ViT GELU outputs float.
         calibration: a :class:`CalibrationConfig` or a dict of its fields.
         method_kwargs: options of the chosen method, validated by that method.
         fold_batchnorm: fold conv → BatchNorm pairs (ResNet) into the conv before quantizing;
@@ -167,6 +170,7 @@ class PTQConfig(QuantizationConfigMixin):
         act_symmetric: bool = False,
         act_observer: str = "mse",
         modules_to_not_convert: list[str] | None = None,
+        act_modules_to_not_convert: list[str] | None = None,
         calibration: CalibrationConfig | dict[str, Any] | None = None,
         method_kwargs: dict[str, Any] | None = None,
         fold_batchnorm: bool | None = None,
@@ -200,6 +204,7 @@ class PTQConfig(QuantizationConfigMixin):
             act_symmetric=act_symmetric,
             act_observer=act_observer,
             modules_to_not_convert=modules_to_not_convert,
+            act_modules_to_not_convert=act_modules_to_not_convert if act_modules_to_not_convert is not None else [],
             calibration=calibration,
             method_kwargs=method_kwargs if method_kwargs is not None else {},
             fold_batchnorm=fold_batchnorm,

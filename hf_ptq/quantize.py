@@ -22,6 +22,7 @@ from .quant.replace import (
     make_quant_module,
     resolve_modules_to_not_convert,
     scheme_overrides,
+    without_input_quantizers,
 )
 
 logger = logging.get_logger("hf_ptq")
@@ -54,7 +55,7 @@ def quantize_model(
         raise ValueError(
             f"no quantizable nn.Linear/nn.Conv2d left in {type(model).__name__} after modules_to_not_convert={skip}."
         )
-    schemes = method.layer_schemes(layers)
+    schemes = without_input_quantizers(method.layer_schemes(layers), config.act_modules_to_not_convert)
     if method.requires_calibration(config):
         from .calibration.runner import run_calibrated
 

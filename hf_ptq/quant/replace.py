@@ -24,6 +24,7 @@ __all__ = [
     "scheme_from_config",
     "make_quant_module",
     "scheme_overrides",
+    "without_input_quantizers",
     "schemes_from_config",
     "swap_in_empty_quant_modules",
     "quant_modules",
@@ -83,6 +84,21 @@ def scheme_from_config(config: "PTQConfig", bits: int | None = None, terms: int 
         act_bits=config.act_bits,
         act_symmetric=config.act_symmetric,
     )
+
+
+def without_input_quantizers(schemes: dict[str, LayerScheme], patterns: list[str]) -> dict[str, LayerScheme]:
+    """``schemes`` with activation quantization removed for layers matching ``patterns``."""
+    import dataclasses
+
+    out = {}
+    for name, scheme in schemes.items():
+        if patterns and not should_convert_module(name, patterns):
+            changes = {"act_bits": None}
+            if getattr(scheme, "act_dynamic", False):
+                changes["act_dynamic"] = False
+            scheme = dataclasses.replace(scheme, **changes)
+        out[name] = scheme
+    return out
 
 
 def scheme_overrides(config: "PTQConfig", scheme: LayerScheme) -> dict:

@@ -204,3 +204,27 @@ def test_units_cover_all_layers_once():
     layers = find_quantizable_layers(model, default_modules_to_not_convert(model))
     names = [n for u in units_for(model, list(layers)) for n in u.layer_names]
     assert sorted(names) == sorted(layers) and len(set(names)) == len(names)
+
+
+def test_selected_layer_inputs_stay_float_and_reload(tmp_path):
+    model = tiny_model("vit")
+    model.save_pretrained(tmp_path / "fp")
+    cfg = PTQConfig(
+        weight_bits=4,
+        act_bits=8,
+        act_modules_to_not_convert=["mlp.fc2"],
+        calibration={"dataset": _batches(n=1), "batch_size": 4, "num_samples": 4},
+    )
+    q = AutoModelForImageClassification.from_pretrained(tmp_path / "fp", quantization_config=cfg)
+    for layer in q.vit.layers:
+        assert layer.mlp.fc2.scheme.act_bits is None and not hasattr(layer.mlp.fc2, "input_scale")
+        assert layer.mlp.fc1.scheme.act_bits == 8 and hasattr(layer.mlp.fc1, "input_scale")
+    x = torch.randn(2, 3, 32, 32)
+    # fc2 really runs on the float GELU output: feeding it unquantized input gives the same result
+    fc2 = q.vit.layers[0].mlp.fc2
+    h = torch.randn(3, fc2.in_features)
+    torch.testing.assert_close(fc2(h), torch.nn.functional.linear(h, fc2.dequantized_weight(), fc2.bias))
+    q.save_pretrained(tmp_path / "q")
+    again = AutoModelForImageClassification.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(again(pixel_values=x).logits, q(pixel_values=x).logits)

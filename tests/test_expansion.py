@@ -40,6 +40,15 @@ from tiny_models import tiny_model, tiny_mobilenet
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: on 2 shared cores a second torch thread only adds OpenMP contention (30x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 # -- random small isomorphic models ----------------------------------------------------------------
 
 

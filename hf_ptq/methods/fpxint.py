@@ -137,10 +137,8 @@ class FPxINT(PTQMethod):
                 qweight = QuantizedWeight(series.codes, series.scale, series.zero_point, scheme)
             weights[name] = qweight
             if len(work.layers) == 1:  # per-term relative residual norms, for the per-unit report
-                w = layer.weight.detach().float()
-                partial = series.values().cumsum(0)
-                for i in range(scheme.terms):
-                    stats[f"residual_rel_norm_term{i + 1}"] = float((w - partial[i]).norm() / w.norm().clamp_min(1e-12))
+                rel = series.residual_norms / layer.weight.detach().float().norm().clamp_min(1e-12)
+                stats.update({f"residual_rel_norm_term{i + 1}": float(r) for i, r in enumerate(rel)})
         return UnitResult(weights=weights, stats=stats)
 
     def report_fields(self) -> dict[str, Any]:

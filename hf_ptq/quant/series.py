@@ -36,6 +36,8 @@ class SeriesTerms:
     codes: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor
+    #: Frobenius norm of the residual left after each term, ``[K]`` (float32, as computed).
+    residual_norms: torch.Tensor | None = None
 
     @property
     def num_terms(self) -> int:
@@ -67,7 +69,7 @@ def residual_expand(
     if terms < 1:
         raise ValueError(f"terms={terms!r} is not supported; allowed values are integers >= 1.")
     residual = x.detach().float()
-    codes, scales, zero_points = [], [], []
+    codes, scales, zero_points, norms = [], [], [], []
     for _ in range(terms):  # sequential by nature: term k needs the residual of terms < k
         lo, hi = reduce_minmax(residual, granularity)
         scale, zero_point = qparams_from_minmax(lo, hi, bits, symmetric)
@@ -76,7 +78,8 @@ def residual_expand(
         codes.append(q)
         scales.append(scale)
         zero_points.append(zero_point)
-    return SeriesTerms(torch.stack(codes), torch.stack(scales), torch.stack(zero_points))
+        norms.append(residual.norm())
+    return SeriesTerms(torch.stack(codes), torch.stack(scales), torch.stack(zero_points), torch.stack(norms))
 
 
 def contraction_bound(bits: int, symmetric: bool) -> float:

@@ -108,13 +108,18 @@ def detail_table(results: Sequence[dict[str, Any]], notes: _Notes) -> str:
         lines.append(
             f"| {r['model']} | {r['method']} | {r['setting']} | {pct(r.get('top1')) if ok else '–'} | "
             f"{signed_pt(r.get('drop')) if ok else '–'} | "
-            f"{_num(r.get('quant_seconds'), 1)} | {_num(r.get('peak_rss_mb'), 0)} | {_num(r.get('size_ratio'), 3)} | {status} |"
+            f"{_seconds(r.get('quant_seconds'))} | {_num(r.get('peak_rss_mb'), 0)} | {_num(r.get('size_ratio'), 3)} | {status} |"
         )
     return "\n".join(lines)
 
 
 def _num(x: float | None, digits: int) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _seconds(x: float | None) -> str:
+    """Two decimals below 10 s (RTN takes hundredths of a second), one above."""
+    return "–" if x is None else f"{x:.2f}" if x < 10 else f"{x:.1f}"
 
 
 def models_table(infos: dict[str, dict[str, Any]]) -> str:

@@ -39,15 +39,18 @@ class ActivationObserver:
         self.hi = torch.maximum(self.hi, flat.max())
         if self.kind == "minmax":
             return
-        self.seen += flat.numel()
-        # keep each batch's share of a uniform subsample bounded by max_samples overall
-        keep = min(flat.numel(), self.max_samples)
-        idx = torch.randint(0, flat.numel(), (keep,), generator=self.gen)
-        self.samples.append(flat[idx])
-        pooled = torch.cat(self.samples)
-        if pooled.numel() > self.max_samples:
-            pooled = pooled[torch.randperm(pooled.numel(), generator=self.gen)[: self.max_samples]]
-        self.samples = [pooled]
+        n = flat.numel()
+        self.seen += n
+        # a uniform subsample (without replacement) of every value seen, at most max_samples:
+        # each batch contributes in proportion to its size, old and new batches alike
+        new = flat if n <= self.max_samples else flat[torch.randperm(n, generator=self.gen)[: self.max_samples]]
+        old = self.samples[0] if self.samples else flat[:0]
+        if old.numel() + new.numel() > self.max_samples:
+            n_new = min(new.numel(), round(self.max_samples * n / self.seen))
+            n_old = min(old.numel(), self.max_samples - n_new)
+            old = old[torch.randperm(old.numel(), generator=self.gen)[:n_old]]
+            new = new[torch.randperm(new.numel(), generator=self.gen)[:n_new]]
+        self.samples = [torch.cat([old, new])]
 
     def qparams(self, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale [1], zero_point [1]) of the chosen grid."""

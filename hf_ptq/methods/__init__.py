@@ -10,6 +10,7 @@ from .base import PTQMethod, available_methods, get_method, register_method
 
 # Importing the modules registers the methods.
 from . import rtn  # noqa: E402,F401
+from . import brecq  # noqa: E402,F401
 from . import comq  # noqa: E402,F401
 from . import fpxint  # noqa: E402,F401
 

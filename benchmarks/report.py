@@ -20,6 +20,7 @@ __all__ = [
     "cell_text",
     "pivot_table",
     "detail_table",
+    "stored_weight_bits",
     "models_table",
     "replace_section",
     "update_doc",
@@ -97,8 +98,8 @@ def pivot_table(
 def detail_table(results: Sequence[dict[str, Any]], notes: _Notes) -> str:
     """Every cell with all measurements (only measured or failed cells; ``missing`` ones are in the pivots)."""
     lines = [
-        "| model | method | setting | top-1 % | change (pt) | quant. time (s) | peak RSS (MB) | size ratio | status |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| model | method | setting | stored W bits | top-1 % | change (pt) | quant. time (s) | peak RSS (MB) | size ratio | status |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         if r.get("status") == "missing":
@@ -106,11 +107,22 @@ def detail_table(results: Sequence[dict[str, Any]], notes: _Notes) -> str:
         ok = r.get("status") == "ok"
         status = "ok" if ok else cell_text(r, notes)
         lines.append(
-            f"| {r['model']} | {r['method']} | {r['setting']} | {pct(r.get('top1')) if ok else '–'} | "
+            f"| {r['model']} | {r['method']} | {r['setting']} | {stored_weight_bits(r)} | {pct(r.get('top1')) if ok else '–'} | "
             f"{signed_pt(r.get('drop')) if ok else '–'} | "
             f"{_seconds(r.get('quant_seconds'))} | {_num(r.get('peak_rss_mb'), 0)} | {_num(r.get('size_ratio'), 3)} | {status} |"
         )
     return "\n".join(lines)
+
+
+def stored_weight_bits(result: dict[str, Any]) -> str:
+    """Bits stored per weight: ``weight_bits × terms`` for FP=xINT (its ``effective_bits``), else ``weight_bits``."""
+    eff = (result.get("method_kwargs") or {}).get("effective_bits")
+    bits = eff if eff is not None else result.get("weight_bits")
+    if bits is None:
+        from .matrix import parse_setting
+
+        bits = parse_setting(result["setting"]).weight_bits
+    return str(bits)
 
 
 def _num(x: float | None, digits: int) -> str:

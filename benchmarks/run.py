@@ -205,6 +205,13 @@ def matrix_section(results, infos, meta, methods, settings, command: str, plots:
         "Cells: top-1 % (change vs float, points). `missing` = method not registered in `hf_ptq.methods` at run time; "
         "`n/a` = the path raised NotImplementedError/ImportError (not built yet); `error` = failed (reason below). "
         f"This run: {counts['ok']} measured, {counts['missing']} missing, {counts['n/a']} n/a, {counts['error']} errors.",
+        "",
+        "Read the methods on their own terms: `fpxint` stores `terms` integer tensors per weight (2 by default, so W4 "
+        "costs 8 stored bits: see the `stored W bits` and `size ratio` columns) and quantizes activations "
+        "dynamically per token at run time (no calibration), while `rtn`/`comq`/`brecq` activations use static "
+        "per-tensor quantizers calibrated on the 1024 images; `brecq` keeps its first and last layer at 8 bits "
+        "(its default, as in the reference). Every model keeps hf_ptq's default float modules (classifier heads; "
+        "the ViT patch embedding).",
     ]
     for model, info in infos.items():
         parts += ["", f"### {model}: {info['title']}, float top-1 {100 * info['fp_top1']:.2f} %", "",

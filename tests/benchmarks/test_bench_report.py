@@ -14,6 +14,7 @@ from benchmarks.report import (
     pivot_table,
     replace_section,
     signed_pt,
+    stored_weight_bits,
     update_doc,
 )
 
@@ -50,7 +51,12 @@ def test_pivot_and_detail_tables():
     assert table[3] == "| comq | missing | not run |"
     detail = detail_table(results, notes).splitlines()
     assert len(detail) == 3  # header, rule, the one measured cell (missing cells live in the pivots)
-    assert detail[2] == "| resnet | rtn | W4A32 | 91.55 | −0.45 | 0.42 | 612 | 0.188 | ok |"
+    assert detail[2] == "| resnet | rtn | W4A32 | 4 | 91.55 | −0.45 | 0.42 | 612 | 0.188 | ok |"
+
+
+def test_stored_weight_bits():
+    assert stored_weight_bits({"setting": "W2A4"}) == "2"
+    assert stored_weight_bits({"setting": "W2A4", "weight_bits": 2, "method_kwargs": {"effective_bits": 4}}) == "4"
 
 
 def test_models_table_flags_missed_targets():

@@ -194,15 +194,18 @@ def comq_quantize_layer(
         chunk_size=kwargs.chunk_size, block_size=kwargs.block_size,
         dtype=torch.float64 if kwargs.solver_dtype == "float64" else torch.float32,
     )  # fmt: skip
-    zp = rtn.zero_point.to(sol.codes.device)
-    codes = (sol.codes + zp.to(torch.int64).reshape(-1, 1)).to(torch.int32).reshape(weight.shape)
+    codes = (sol.codes + rtn.zero_point.to(sol.codes.device, torch.int64).reshape(-1, 1)).to(torch.int32)
     scale = sol.step[:1] if scheme.granularity == "tensor" else sol.step
-    qweight = QuantizedWeight(codes=codes, scale=scale.float().cpu(), zero_point=rtn.zero_point, scheme=scheme)
-    qweight.codes = qweight.codes.cpu()
-    ref = layer_error(w, torch.zeros_like(w), gram)
+    dev = weight.device
+    qweight = QuantizedWeight(
+        codes=codes.reshape(weight.shape).to(dev), scale=scale.float().to(dev), zero_point=rtn.zero_point, scheme=scheme
+    )
+    # diagnostics only: float32 products (a float64 GEMM would cost as much as a sweep on big layers)
+    g32 = gram.float()
+    ref = layer_error(w, torch.zeros_like(w), g32, torch.float32)
     stats = {
-        "rel_error": layer_error(w, qweight.dequantize().reshape(w.shape), gram) / max(ref, 1e-30),
-        "rtn_rel_error": layer_error(w, rtn.dequantize().reshape(w.shape), gram) / max(ref, 1e-30),
+        "rel_error": layer_error(w, qweight.dequantize().reshape(w.shape), g32, torch.float32) / max(ref, 1e-30),
+        "rtn_rel_error": layer_error(w, rtn.dequantize().reshape(w.shape), g32, torch.float32) / max(ref, 1e-30),
     }
     return qweight, stats
 

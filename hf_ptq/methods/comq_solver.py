@@ -356,10 +356,12 @@ def comq_direct(
     return ComqSolution(codes=codes.to(torch.int64), step=step)
 
 
-def layer_error(weight: torch.Tensor, dequantized: torch.Tensor, gram: torch.Tensor) -> float:
-    """``Σ_rows (w − q)ᵀ G (w − q)`` = ``‖X Wᵀ − X Qᵀ‖²_F`` (float64)."""
-    gram = gram.double()
+def layer_error(
+    weight: torch.Tensor, dequantized: torch.Tensor, gram: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> float:
+    """``Σ_rows (w − q)ᵀ G (w − q)`` = ``‖X Wᵀ − X Qᵀ‖²_F``, computed in ``dtype``."""
+    gram = gram.to(dtype)
     if gram.dim() == 2:
         gram = gram.unsqueeze(0)
-    r = (weight.double() - dequantized.double()).reshape(weight.shape[0], -1)
-    return float((_times_gram(r, gram) * r).sum())
+    r = (weight.to(dtype) - dequantized.to(dtype)).reshape(weight.shape[0], -1)
+    return float((_times_gram(r, gram) * r).sum(dtype=torch.float64))

@@ -1,0 +1,378 @@
+"""BRECQ cost and accuracy: time per iteration per block, total time, peak RSS vs depth.
+
+``python -m benchmarks.bench_brecq`` measures, on this machine:
+
+1. **time per iteration per block** — each Fashion-MNIST reference model (``benchmarks.prepare``)
+   quantized at W4A4 with a short schedule (``--iters``/``--act-iters``); every unit reports its
+   seconds per Adam iteration of the rounding stage and of the activation step-size stage, and the
+   total time is extrapolated to the reference schedule (20 000 + 5 000 iterations per unit) and to
+   the benchmark matrix's (2 000 + 500) as ``Σ_units iters · s/iter + the measured fixed part``;
+2. **peak RSS vs depth** — random-weight ViTs of the same width with 4 and 8 layers quantized with
+   BRECQ in fresh subprocesses: with the sequential engine the cached activations of one unit at a
+   time dominate, so peak RSS must stay flat in depth (``recon_loss="fisher_diag"`` is the
+   exception: it keeps the Fisher weights of every unit, and is measured too);
+3. with ``--accuracy``: BRECQ W4A4 and W2A4 on the reference models through ``benchmarks.cell`` (the
+   matrix's own cell runner, 1 024 calibration images), at ``--acc-iters``/``--acc-act-iters``,
+   next to the matrix's RTN/COMQ cells at the same setting when they exist.
+
+Results go to ``docs/benchmarks.md`` between ``<!-- brecq:start -->`` and ``<!-- brecq:end -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import REPO_ROOT, cache_root
+
+DOC = REPO_ROOT / "docs" / "benchmarks.md"
+SECTION = "brecq"
+REFERENCE_SCHEDULE = (20_000, 5_000)
+MATRIX_SCHEDULE = (2_000, 500)
+MODEL_KEYS = ("resnet", "convnext", "vit")
+
+
+# -- 1. time per iteration ------------------------------------------------------------------------
+
+
+def bench_timing(keys: list[str], iters: int, act_iters: int) -> list[dict[str, Any]]:
+    """Quantize each available reference model at W4A4 with a short schedule; per-unit timings."""
+    import hf_ptq
+    from transformers import AutoModelForImageClassification
+
+    from .data import calibration_spec, load_benchmark_dataset
+    from .models import MODELS, ensure_reference
+
+    ds = load_benchmark_dataset()
+    rows = []
+    for key in keys:
+        try:
+            ckpt, _ = ensure_reference(MODELS[key], train=False)
+        except FileNotFoundError as err:
+            print(f"skip {key}: {err}", file=sys.stderr)
+            continue
+        config = hf_ptq.PTQConfig(
+            method="brecq", weight_bits=4, act_bits=4, calibration=calibration_spec(ds["train"]),
+            method_kwargs={"iters": iters, "act_iters": act_iters},
+        )  # fmt: skip
+        start = time.perf_counter()
+        model = AutoModelForImageClassification.from_pretrained(ckpt, quantization_config=config)
+        total = time.perf_counter() - start
+        units = model.hf_ptq_report["units"]
+        learned = [u for u in units if u.get("reconstructed")]
+        loop = sum(u.get("sec_per_iter", 0) * iters + u.get("act_sec_per_iter", 0) * act_iters for u in learned)
+        fixed = total - loop
+
+        def extrapolate(schedule: tuple[int, int]) -> float:
+            w, a = schedule
+            return fixed + sum(u.get("sec_per_iter", 0) * w + u.get("act_sec_per_iter", 0) * a for u in learned)
+
+        rows.append(
+            {
+                "model": key,
+                "title": MODELS[key].title,
+                "units": [
+                    {
+                        "unit": u["unit"],
+                        "kind": u["kind"],
+                        "layers": len(u["layers"]),
+                        "sec_per_iter": u.get("sec_per_iter"),
+                        "act_sec_per_iter": u.get("act_sec_per_iter"),
+                    }
+                    for u in units
+                ],
+                "reconstructed_units": len(learned),
+                "measured_seconds": total,
+                "fixed_seconds": fixed,
+                "reference_schedule_seconds": extrapolate(REFERENCE_SCHEDULE),
+                "matrix_schedule_seconds": extrapolate(MATRIX_SCHEDULE),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# -- 2. peak RSS vs depth -------------------------------------------------------------------------
+
+
+def _vit(layers: int, hidden: int = 96):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(
+        image_size=32, patch_size=4, num_channels=3, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=3, intermediate_size=4 * hidden, num_labels=10,
+    )  # fmt: skip
+    return ViTForImageClassification(cfg).eval()
+
+
+def _rss_child(layers: int, samples: int, recon_loss: str) -> dict[str, Any]:
+    """In a fresh process: build a random ViT of ``layers`` layers, quantize with BRECQ, peak RSS.
+
+    A warm-up quantization of a 1-layer model first loads every lazily imported module
+    (datasets, transformers submodules, ...), so the baseline RSS excludes import growth.
+    """
+    import torch
+
+    from hf_ptq import PTQConfig, quantize_model
+
+    def config(n: int, data: list, iters: int) -> PTQConfig:
+        return PTQConfig(
+            method="brecq", weight_bits=4, act_bits=4, calibration={"dataset": data, "num_samples": n, "batch_size": 32},
+            method_kwargs={"iters": iters, "act_iters": iters, "recon_loss": recon_loss},
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    warm = [torch.randn(32, 3, 32, 32, generator=gen)]
+    quantize_model(_vit(1), config(32, warm, 2))
+    model = _vit(layers)
+    params = sum(p.numel() for p in model.parameters())
+    data = [torch.randn(32, 3, 32, 32, generator=gen) for _ in range(samples // 32)]
+    base = _current_rss_mb()
+    start = time.perf_counter()
+    quantize_model(model, config(samples, data, 20))
+    tokens = (32 // 4) ** 2 + 1
+    return {
+        "layers": layers,
+        "samples": samples,
+        "recon_loss": recon_loss,
+        "params_m": params / 1e6,
+        "base_rss_mb": base,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "seconds": time.perf_counter() - start,
+        "unit_cache_mb": samples * tokens * model.config.hidden_size * 4 / 2**20,
+    }
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def bench_rss(depths: list[int], samples: int, threads: int) -> list[dict[str, Any]]:
+    rows = []
+    for recon_loss in ("mse", "fisher_diag"):
+        for layers in depths:
+            cmd = [sys.executable, "-m", "benchmarks.bench_brecq", "--rss-child", f"{layers},{samples},{recon_loss}",
+                   "--threads", str(threads)]  # fmt: skip
+            out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# -- 3. accuracy on the reference models ------------------------------------------------------------
+
+
+def _cell_path(key: str, setting: str, tag: str, iters: int, act_iters: int) -> Path:
+    return cache_root() / "brecq-cells" / f"{key}-{setting}-{tag}-{iters}-{act_iters}.json"
+
+
+def bench_accuracy(keys: list[str], iters: int, act_iters: int, threads: int) -> list[dict[str, Any]]:
+    """BRECQ cells (default 8-bit first/last layer, and all layers at the setting for W2A4)."""
+    from .models import MODELS, load_info
+
+    variants = [("W4A4", "default", {}), ("W2A4", "default", {}), ("W2A4", "all-low", {"keep_first_last_8bit": False})]
+    rows = []
+    for key in keys:
+        if load_info(MODELS[key]) is None:
+            print(f"skip {key}: reference model not trained (python -m benchmarks.prepare)", file=sys.stderr)
+            continue
+        for setting, tag, extra in variants:
+            path = _cell_path(key, setting, tag, iters, act_iters)
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                kwargs = json.dumps({"iters": iters, "act_iters": act_iters, **extra})
+                cmd = [sys.executable, "-m", "benchmarks.cell", "--model", key, "--method", "brecq", "--setting", setting,
+                       "--method-kwargs", kwargs, "--threads", str(threads), "--out", str(path)]  # fmt: skip
+                subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cell = json.loads(path.read_text())
+            rows.append({"model": key, "setting": setting, "tag": tag, **_cell_summary(cell)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _cell_summary(cell: dict[str, Any]) -> dict[str, Any]:
+    keep = ("status", "top1", "fp_top1", "quant_seconds", "peak_rss_mb", "method_kwargs", "torch_threads", "reason")
+    return {k: cell.get(k) for k in keep}
+
+
+def matrix_baselines(keys: list[str], settings: tuple[str, ...] = ("W4A4", "W2A4")) -> dict[tuple[str, str, str], float]:
+    """top-1 of the matrix's RTN/COMQ cells (``benchmarks.run``) when they exist on this machine."""
+    found: dict[tuple[str, str, str], float] = {}
+    for path in sorted((cache_root() / "cells").glob("*.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            cell = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if cell.get("status") == "ok" and cell.get("method") in ("rtn", "comq") and cell.get("setting") in settings:
+            if cell.get("model") in keys:
+                found[(cell["model"], cell["method"], cell["setting"])] = cell["top1"]
+    return found
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """Replace only the ``name`` section between its markers (appended when absent)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if len(pattern.findall(text)) > 1 or (start in text) != (end in text):
+        raise ValueError(f"docs/benchmarks.md: markers of section {name!r} are broken; fix them by hand")
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text, count=1)
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def _fmt_s(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 120:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s"
+
+
+def markdown(meta: dict[str, Any], args, timing, rss, accuracy, baselines) -> str:
+    out = ["## BRECQ (block reconstruction, AdaRound + LSQ activation steps)", ""]
+    out.append(f"Command: `{meta['command']}` — commit `{meta['commit']}`{' (uncommitted changes in hf_ptq/ or benchmarks/)' if meta['dirty'] else ''}, {meta['date']}.")
+    out.append(f"Machine: {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}. "
+               f"The 2 cores were shared with other jobs (1-min load average {meta['load_start']:.1f} at start, "
+               f"{meta['load_end']:.1f} at end), so times are upper bounds of a quiet machine.")  # fmt: skip
+    out.append("")
+    if timing:
+        out += [
+            f"### Time per iteration per block (W4A4, 1 024 calibration images, batch 32, {args.iters} + {args.act_iters} iterations measured)",
+            "",
+            "| model | unit | kind | layers | s/iter rounding (weights) | s/iter act steps |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        for row in timing:
+            for u in row["units"]:
+                w = f"{u['sec_per_iter'] * 1e3:.1f} ms" if u["sec_per_iter"] else "— (8-bit stem: not reconstructed)"
+                a = f"{u['act_sec_per_iter'] * 1e3:.1f} ms" if u["act_sec_per_iter"] else "—"
+                out.append(f"| {row['title']} | `{u['unit']}` | {u['kind']} | {u['layers']} | {w} | {a} |")
+        out += [
+            "",
+            "Total per model (measured run, and extrapolated: fixed part of the measured run + Σ units iterations × s/iter):",
+            "",
+            "| model | reconstructed units | measured, short schedule | fixed part (init, calibration passes, packing) | matrix schedule 2 000 + 500 | reference schedule 20 000 + 5 000 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in timing:
+            out.append(
+                f"| {row['title']} | {row['reconstructed_units']} | {_fmt_s(row['measured_seconds'])} | "
+                f"{_fmt_s(row['fixed_seconds'])} | {_fmt_s(row['matrix_schedule_seconds'])} | {_fmt_s(row['reference_schedule_seconds'])} |"
+            )
+        out.append("")
+    if rss:
+        out += [
+            "### Peak RSS vs depth (random ViT, width 96, 65 tokens, W4A4, 20 + 20 iterations, fresh process per row)",
+            "",
+            "| recon_loss | layers | params (M) | calibration images | one unit's input cache (MiB) | RSS before quantizing (MiB) | peak RSS (MiB) | peak − before (MiB) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rss:
+            out.append(
+                f"| {r['recon_loss']} | {r['layers']} | {r['params_m']:.2f} | {r['samples']} | {r['unit_cache_mb']:.0f} | "
+                f"{r['base_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['base_rss_mb']:.0f} |"
+            )
+        out += [
+            "",
+            "With the plain loss the engine holds one unit's cached inputs/targets (float and quantized chains) at a time, "
+            "so the peak does not grow with depth; `fisher_diag` keeps the Fisher weights of every unit "
+            "(N × Σ_units |z| × 2 bytes, float16) from `prepare` to the last unit, which grows linearly with depth.",
+            "",
+        ]
+    if accuracy:
+        out += [
+            f"### Accuracy on the Fashion-MNIST reference models ({args.acc_iters} + {args.acc_act_iters} iterations per unit)",
+            "",
+            "Through `benchmarks.cell` (the matrix's runner: 1 024 calibration images, seed 0, full 10 000-image test split). "
+            "`default` = the references' 8-bit first and last quantized layer (weights and inputs); `all-low` = every "
+            "layer at the setting, like RTN/COMQ in the matrix. RTN/COMQ columns: the matrix's own cells, when present.",
+            "",
+            "| model | setting | BRECQ variant | float top-1 | BRECQ top-1 | Δ vs float (pt) | RTN | COMQ | quantize time | peak RSS (MiB) |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in accuracy:
+            if r["status"] != "ok":
+                out.append(f"| {r['model']} | {r['setting']} | {r['tag']} | | {r['status']}: {r.get('reason')} | | | | | |")
+                continue
+            rtn = baselines.get((r["model"], "rtn", r["setting"]))
+            comq = baselines.get((r["model"], "comq", r["setting"]))
+            out.append(
+                f"| {r['model']} | {r['setting']} | {r['tag']} | {r['fp_top1'] * 100:.2f} | {r['top1'] * 100:.2f} | "
+                f"{(r['top1'] - r['fp_top1']) * 100:+.2f} | {f'{rtn * 100:.2f}' if rtn is not None else '—'} | "
+                f"{f'{comq * 100:.2f}' if comq is not None else '—'} | {_fmt_s(r['quant_seconds'])} | {r['peak_rss_mb']:.0f} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def write_doc(body: str) -> None:
+    intro = "# hf_ptq benchmarks\n\nMeasured results; each section names the command that produced it.\n"
+    text = DOC.read_text() if DOC.exists() else intro
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(replace_section(text, SECTION, body))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODEL_KEYS), help="reference models (resnet,convnext,vit)")
+    parser.add_argument("--iters", type=int, default=200, help="rounding iterations per unit for the timing run")
+    parser.add_argument("--act-iters", type=int, default=100, help="act step-size iterations per unit for the timing run")
+    parser.add_argument("--depths", default="4,8", help="ViT depths for the RSS measurement")
+    parser.add_argument("--rss-samples", type=int, default=1024)
+    parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--no-rss", action="store_true")
+    parser.add_argument("--accuracy", action="store_true", help="also run BRECQ W4A4/W2A4 cells (long)")
+    parser.add_argument("--acc-iters", type=int, default=MATRIX_SCHEDULE[0])
+    parser.add_argument("--acc-act-iters", type=int, default=MATRIX_SCHEDULE[1])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 cores are shared)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.rss_child:
+        layers, samples, recon_loss = args.rss_child.split(",")
+        print(json.dumps(_rss_child(int(layers), int(samples), recon_loss)))
+        return 0
+    from transformers.utils import logging as hf_logging
+
+    from .provenance import provenance
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    keys = [k for k in args.models.split(",") if k]
+    meta = provenance(args.threads) | {"command": "python -m benchmarks.bench_brecq " + " ".join(argv or sys.argv[1:])}
+    meta["command"] = meta["command"].strip()
+    meta["load_start"] = os.getloadavg()[0]
+    timing = [] if args.no_timing else bench_timing(keys, args.iters, args.act_iters)
+    rss = [] if args.no_rss else bench_rss([int(d) for d in args.depths.split(",")], args.rss_samples, args.threads)
+    accuracy = bench_accuracy(keys, args.acc_iters, args.acc_act_iters, args.threads) if args.accuracy else []
+    meta["load_end"] = os.getloadavg()[0]
+    body = markdown(meta, args, timing, rss, accuracy, matrix_baselines(keys) if accuracy else {})
+    print(body)
+    if not args.no_write:
+        write_doc(body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import REPO_ROOT, cache_root
+from .report import update_doc
 
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION = "brecq"
@@ -225,17 +225,6 @@ def matrix_baselines(keys: list[str], settings: tuple[str, ...] = ("W4A4", "W2A4
 # -- report ----------------------------------------------------------------------------------------
 
 
-def replace_section(text: str, name: str, body: str) -> str:
-    """Replace only the ``name`` section between its markers (appended when absent)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    if len(pattern.findall(text)) > 1 or (start in text) != (end in text):
-        raise ValueError(f"docs/benchmarks.md: markers of section {name!r} are broken; fix them by hand")
-    if pattern.search(text):
-        return pattern.sub(lambda _: block, text, count=1)
-    return text.rstrip("\n") + "\n\n" + block + "\n"
-
 
 def _fmt_s(seconds: float) -> str:
     if seconds >= 3600:
@@ -323,10 +312,7 @@ def markdown(meta: dict[str, Any], args, timing, rss, accuracy, baselines) -> st
 
 
 def write_doc(body: str) -> None:
-    intro = "# hf_ptq benchmarks\n\nMeasured results; each section names the command that produced it.\n"
-    text = DOC.read_text() if DOC.exists() else intro
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(replace_section(text, SECTION, body))
+    update_doc(DOC, {SECTION: body})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,6 @@ import copy
 import json
 import os
 import platform
-import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -32,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.utils import logging
+
+from .report import update_doc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
@@ -286,17 +287,6 @@ def plot_curves(results: dict[str, dict[str, Any]], path: Path) -> None:
 # -- report ------------------------------------------------------------------------------------
 
 
-def replace_section(text: str, name: str, body: str) -> str:
-    """Replace only the ``name`` section between its markers (appended when absent)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    if len(pattern.findall(text)) > 1 or (start in text) != (end in text):
-        raise ValueError(f"docs/benchmarks.md: markers of section {name!r} are broken; fix them by hand")
-    if pattern.search(text):
-        return pattern.sub(lambda _: block, text, count=1)
-    return text.rstrip("\n") + "\n\n" + block + "\n"
-
 
 def markdown(meta: dict[str, Any], expansion, layer_rows, model_rows, accuracy) -> str:
     dirty = " (with uncommitted changes in the code it exercises)" if meta["dirty"] else " (clean for the code it exercises)"
@@ -362,10 +352,7 @@ def markdown(meta: dict[str, Any], expansion, layer_rows, model_rows, accuracy) 
 
 
 def write_doc(body: str) -> None:
-    intro = "# hf_ptq benchmarks\n\nMeasured results; each section names the command that produced it.\n"
-    text = DOC.read_text() if DOC.exists() else intro
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(replace_section(text, SECTION, body))
+    update_doc(DOC, {SECTION: body})
 
 
 # -- main --------------------------------------------------------------------------------------

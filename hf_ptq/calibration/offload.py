@@ -63,7 +63,10 @@ def onloaded(unit: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     Offloaded leaves get their real weights on ``device`` and lose their hooks (so a forward does
     not send them back to ``meta`` halfway); on exit, leaves that are still the same float module
     get their hook back and return to ``meta``. Layers swapped for quantized ones in the meantime
-    are handled by :func:`replace_layer`, which stores them through the same offload store.
+    are handled by :func:`replace_layer`, which stores them through the same offload store; the
+    float layers they replaced go to ``meta`` too, so memory does not grow with depth (their
+    onloaded weights may be zero-copy views of the checkpoint file, whose pages would otherwise
+    stay resident).
     """
     saved: list[tuple[nn.Module, AlignDevicesHook]] = []
     for m in unit.modules():
@@ -77,10 +80,14 @@ def onloaded(unit: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     try:
         yield unit
     finally:
+        in_unit = {id(x) for x in unit.modules()}
         for m, hook in saved:
             del m._hf_ptq_saved_hook
-            if any(m is x for x in unit.modules()):  # still part of the unit → re-offload unchanged
+            if id(m) in in_unit:  # still part of the unit → re-offload unchanged
                 add_hook_to_module(m, hook)
+            else:  # replaced by a quantized layer: drop its float weights, which callers may still reference
+                for name in _direct_tensor_names(m):
+                    set_module_tensor_to_device(m, name, "meta")
 
 
 def _direct_tensor_names(m: nn.Module) -> list[str]:

@@ -28,7 +28,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..methods.base import PTQMethod, UnitWork
-from ..quant.modules import QuantModuleMixin
+from ..quant.modules import QuantModuleMixin, dequantized_weights_cached
 from ..quant.observers import ActivationObserver
 from ..quant.replace import make_quant_module
 from ..quant.scheme import LayerScheme, rtn_quantize_weight
@@ -174,11 +174,15 @@ def capture_inputs(
 
 @torch.no_grad()
 def run_unit(module: nn.Module, inputs: Inputs, device: torch.device, cache_dtype: torch.dtype) -> list[Any]:
-    """Outputs of ``module`` for each cached input, on CPU."""
+    """Outputs of ``module`` for each cached input, on CPU.
+
+    Quantized layers inside ``module`` are dequantized once for all batches (same outputs).
+    """
     outs = []
-    for args, kwargs in inputs:
-        out = module(*_move(args, device, torch.float32), **_move(kwargs, device, torch.float32))
-        outs.append(_move(out, "cpu", cache_dtype))
+    with dequantized_weights_cached(module):
+        for args, kwargs in inputs:
+            out = module(*_move(args, device, torch.float32), **_move(kwargs, device, torch.float32))
+            outs.append(_move(out, "cpu", cache_dtype))
     return outs
 
 

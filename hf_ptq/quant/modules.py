@@ -23,6 +23,9 @@ term) pairs, all terms in one batched op.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,7 +34,7 @@ from .expanded import expanded_forward
 from .primitives import dequantize, fake_quantize, pack_codes, packed_words, storage_dtype, unpack_codes
 from .scheme import LayerScheme, QuantizedWeight
 
-__all__ = ["QuantModuleMixin", "QuantLinear", "QuantConv2d", "QUANT_MODULE_FOR_FLOAT"]
+__all__ = ["QuantModuleMixin", "QuantLinear", "QuantConv2d", "QUANT_MODULE_FOR_FLOAT", "dequantized_weights_cached"]
 
 
 class QuantModuleMixin:
@@ -40,6 +43,9 @@ class QuantModuleMixin:
     scheme: LayerScheme
     #: False while calibration observes the float inputs of this layer (set by the runner).
     act_quant_enabled: bool = True
+    #: inside :func:`dequantized_weights_cached`: keep the float weight after its first use.
+    _weight_caching: bool = False
+    _weight_cache: torch.Tensor | None = None
     weight_packed: torch.Tensor
     weight_scale: torch.Tensor
     weight_zero_point: torch.Tensor
@@ -68,6 +74,7 @@ class QuantModuleMixin:
         """Pack ``qweight`` into this module's buffers (shapes must match the scheme)."""
         if qweight.scheme != self.scheme:
             raise ValueError(f"scheme mismatch: module has {self.scheme}, weight has {qweight.scheme}")
+        self._weight_cache = None
         codes = qweight.codes
         lead = (self.scheme.terms,) if self.scheme.terms > 1 else ()
         rows = codes.reshape(*lead, codes.shape[len(lead)], -1)
@@ -104,13 +111,20 @@ class QuantModuleMixin:
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Float weight used by the forward pass (sum of the terms for FP=xINT layers)."""
+        dtype = dtype or self.weight.dtype
+        cached = self._weight_cache
+        if cached is not None and cached.dtype == dtype and cached.device == self.weight_packed.device:
+            return cached
         shape = self.weight_shape_tuple
         codes = unpack_codes(self.weight_packed, self.scheme.bits, _row(shape))
         if self.scheme.terms == 1:
             w = dequantize(codes, self.weight_scale, self.weight_zero_point)
         else:  # in place: one float buffer for all terms (same values, ~40 % faster at K=4)
             w = codes.float().sub_(self.weight_zero_point.unsqueeze(-1)).mul_(self.weight_scale.unsqueeze(-1)).sum(0)
-        return w.reshape(shape).to(dtype or self.weight.dtype)
+        w = w.reshape(shape).to(dtype)
+        if self._weight_caching:
+            self._weight_cache = w
+        return w
 
     def dequantized_terms(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Float value of every weight term, ``[terms, *weight_shape]`` (a leading 1 when terms == 1)."""
@@ -135,6 +149,25 @@ class QuantModuleMixin:
         if s.act_dynamic:
             act += f", act_terms={s.act_terms} (dynamic), max_order={s.max_order}"
         return f"{self._float_repr()}, bits={s.bits}, granularity={s.granularity}{terms}{act}"
+
+
+@contextlib.contextmanager
+def dequantized_weights_cached(module: nn.Module) -> Iterator[None]:
+    """Dequantize every quantized layer under ``module`` once and reuse it until the block exits.
+
+    The forward pass normally unpacks and dequantizes on each call, which keeps memory at the
+    packed size; calibration runs the same unit over many batches, where one float copy of one
+    unit's weights is cheap and the repeated unpacking is not. Outputs are bitwise the same.
+    New codes written with ``set_quantized_weight`` drop the cached copy.
+    """
+    layers = [m for m in module.modules() if isinstance(m, QuantModuleMixin)]
+    try:
+        for m in layers:  # filled on first use: offloaded layers only have real buffers inside forward
+            m._weight_cache, m._weight_caching = None, True
+        yield
+    finally:
+        for m in layers:
+            m._weight_cache, m._weight_caching = None, False
 
 
 def _row(shape: tuple[int, ...]) -> int:

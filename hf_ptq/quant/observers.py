@@ -1,8 +1,11 @@
 """Activation observers: accumulate statistics over calibration batches, then choose a grid.
 
 ``minmax`` keeps running extremes; ``percentile`` and ``mse`` (L2.4 clipping search, as the
-BRECQ/QDrop references) work on a bounded uniform subsample of the values seen, so memory stays
-flat however many batches pass through.
+BRECQ/QDrop references) work on a bounded uniform random subsample of the values seen
+(``max_samples``, 131 072 by default), so memory and search time stay flat however many batches
+pass through. The references search on the full activation tensor; the L2.4 error is a mean over
+values, which a uniform sample of this size estimates closely, and the search (80 candidate
+ranges, one fake-quantization pass each) then costs ~0.3 s per layer instead of seconds.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ ObserverKind = Literal["minmax", "percentile", "mse"]
 class ActivationObserver:
     """Per-tensor range statistics of one layer input."""
 
-    def __init__(self, kind: ObserverKind = "mse", max_samples: int = 1 << 20, seed: int = 0) -> None:
+    def __init__(self, kind: ObserverKind = "mse", max_samples: int = 1 << 17, seed: int = 0) -> None:
         if kind not in ("minmax", "percentile", "mse"):
             raise ValueError(f"act_observer={kind!r} is not supported; allowed values are 'minmax', 'percentile', 'mse'.")
         self.kind = kind
@@ -41,9 +44,10 @@ class ActivationObserver:
             return
         n = flat.numel()
         self.seen += n
-        # a uniform subsample (without replacement) of every value seen, at most max_samples:
-        # each batch contributes in proportion to its size, old and new batches alike
-        new = flat if n <= self.max_samples else flat[torch.randperm(n, generator=self.gen)[: self.max_samples]]
+        # a uniform random subsample of every value seen, at most max_samples: each batch
+        # contributes in proportion to its size, old and new batches alike. Large batches are
+        # sampled with replacement (O(max_samples), where a permutation of millions of values is not).
+        new = flat if n <= self.max_samples else flat[torch.randint(n, (self.max_samples,), generator=self.gen)]
         old = self.samples[0] if self.samples else flat[:0]
         if old.numel() + new.numel() > self.max_samples:
             n_new = min(new.numel(), round(self.max_samples * n / self.seen))

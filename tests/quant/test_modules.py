@@ -94,3 +94,27 @@ def test_reflect_padding_is_refused_with_fix():
     conv = nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")
     with pytest.raises(ValueError, match="modules_to_not_convert"):
         make_quant_module(conv, rtn_quantize_weight(conv.weight, LayerScheme(bits=4)))
+
+
+def test_dequantized_weight_cache_is_bitwise_and_scoped():
+    """The calibration-time cache gives the same outputs, follows new weights, and is dropped on exit."""
+    from hf_ptq.quant.modules import dequantized_weights_cached
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    scheme = LayerScheme(bits=4)
+    qconv = make_quant_module(block[0], rtn_quantize_weight(block[0].weight, scheme))
+    qlin = make_quant_module(block[2], rtn_quantize_weight(block[2].weight, scheme))
+    qblock = nn.Sequential(qconv, nn.Flatten(), qlin)
+    x = torch.randn(2, 3, 8, 8)
+    expected = F.linear(F.conv2d(x, _independent_dequant(block[0].weight, 4), block[0].bias).flatten(1),
+                        _independent_dequant(block[2].weight, 4), block[2].bias)
+    plain = qblock(x)
+    with dequantized_weights_cached(qblock):
+        assert torch.equal(qblock(x), plain)
+        assert qlin._weight_cache is not None
+        torch.testing.assert_close(qblock(x), expected, rtol=1e-5, atol=1e-5)
+        other = torch.randn_like(block[2].weight)
+        qlin.set_quantized_weight(rtn_quantize_weight(other, scheme))  # new codes: the cache must not be reused
+        torch.testing.assert_close(qlin.dequantized_weight(), _independent_dequant(other, 4), rtol=1e-6, atol=1e-6)
+    assert qconv._weight_cache is None and qlin._weight_cache is None

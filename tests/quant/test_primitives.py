@@ -129,3 +129,18 @@ def test_mse_search_matches_brute_force():
         assert math.isclose(float(lo[i]), best_range[0], rel_tol=1e-4, abs_tol=1e-6)
         assert math.isclose(float(hi[i]), best_range[1], rel_tol=1e-4, abs_tol=1e-6)
     assert float(hi[0]) < 8.0  # the outlier row was clipped
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fake_quantize_equals_integer_round_trip_bitwise(bits, per_channel, symmetric):
+    """The in-place float fake-quantization gives exactly the stored-integer values."""
+    from hf_ptq.quant.primitives import dequantize, fake_quantize, qparams_from_minmax, quantize, reduce_minmax
+
+    torch.manual_seed(bits)
+    x = torch.randn(6, 50) * 3
+    lo, hi = reduce_minmax(x * 0.7, "channel" if per_channel else "tensor")  # clipped range: values saturate
+    scale, zp = qparams_from_minmax(lo, hi, bits, symmetric)
+    expected = dequantize(quantize(x, scale, zp, bits, symmetric), scale, zp)
+    assert torch.equal(fake_quantize(x, scale, zp, bits, symmetric), expected)

@@ -10,7 +10,8 @@ Each cell runs in a fresh subprocess (``benchmarks.cell``) so peak RSS is per ru
 cached per cell under ``$HF_PTQ_CACHE/benchmarks/cells/``, keyed by the cell, the reference
 model's fingerprint, the method options and a hash of the ``hf_ptq`` sources: rerunning after an
 interruption resumes, and rerunning after a method lands recomputes exactly what changed
-(any change under ``hf_ptq/`` recomputes everything). ``--force`` ignores the cache.
+(any change under ``hf_ptq/`` recomputes everything). ``--force`` ignores the cache;
+``--cached-only`` runs nothing and tabulates what the cache holds, other cells as ``not run``.
 Methods not registered in ``hf_ptq.methods`` are reported as ``missing``; paths that raise
 ``NotImplementedError``/``ImportError`` (e.g. activation quantization before it lands) as ``n/a``.
 """
@@ -120,9 +121,19 @@ def _run_child(cell: Cell, mk: dict[str, Any] | None, threads: int, timeout: flo
 
 
 def run_matrix(
-    cells: list[Cell], *, threads: int, timeout: float, force: bool, method_kwargs: dict[str, dict[str, Any]]
+    cells: list[Cell],
+    *,
+    threads: int,
+    timeout: float,
+    force: bool,
+    method_kwargs: dict[str, dict[str, Any]],
+    cached_only: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Run (or reuse) every cell; returns the results and the reference models' infos."""
+    """Run (or reuse) every cell; returns the results and the reference models' infos.
+
+    ``cached_only``: run nothing; cells without a cached result for this code are reported as
+    ``not run`` (so a table written after an interrupted run says what is missing).
+    """
     import hf_ptq  # noqa: F401  (registers the methods)
     from hf_ptq.methods import available_methods
 
@@ -156,6 +167,10 @@ def run_matrix(
         if path.exists() and not force:
             results[cell] = json.loads(path.read_text()) | {"cached": True}
             continue
+        if cached_only:
+            results[cell] = base | {"status": "not run", "reason": "no result for this code yet (--cached-only: the "
+                                    "cell was not computed in the time the run had; rerun without --cached-only)"}  # fmt: skip
+            continue
         result = _run_child(cell, mk, threads, timeout)
         result = base | result
         if result.get("status") in ("ok", "n/a", "missing"):  # deterministic outcomes; errors are retried
@@ -184,7 +199,7 @@ def matrix_section(results, infos, meta, methods, settings, command: str, plots:
     from .report import _Notes, detail_table, pivot_table
 
     notes = _Notes()
-    counts = {s: sum(r.get("status") == s for r in results) for s in ("ok", "missing", "n/a", "error")}
+    counts = {s: sum(r.get("status") == s for r in results) for s in ("ok", "missing", "n/a", "error", "not run")}
     base_rss = [r["base_rss_mb"] for r in results if r.get("status") == "ok" and "base_rss_mb" in r]
     dirty = " (with uncommitted changes in hf_ptq/ or benchmarks/)" if meta["dirty"] else ""
     mk = ", ".join(f"{m}: {json.dumps(v)}" for m, v in meta["method_kwargs"].items() if m in methods) or "none"
@@ -204,7 +219,9 @@ def matrix_section(results, infos, meta, methods, settings, command: str, plots:
         "",
         "Cells: top-1 % (change vs float, points). `missing` = method not registered in `hf_ptq.methods` at run time; "
         "`n/a` = the path raised NotImplementedError/ImportError (not built yet); `error` = failed (reason below). "
-        f"This run: {counts['ok']} measured, {counts['missing']} missing, {counts['n/a']} n/a, {counts['error']} errors.",
+        "`not run` = not computed in the time this run had (see the note).  "
+        f"This run: {counts['ok']} measured, {counts['missing']} missing, {counts['n/a']} n/a, {counts['error']} errors, "
+        f"{counts['not run']} not run.",
         "",
         "Read the methods on their own terms: `fpxint` stores `terms` integer tensors per weight (2 by default, so W4 "
         "costs 8 stored bits: see the `stored W bits` and `size ratio` columns) and quantizes activations "
@@ -280,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method-kwargs", action="append", default=[], metavar="METHOD=JSON",
                         help="method options instead of the defaults, e.g. fpxint='{\"terms\": 3}'")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="ignore cached cell results")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="run nothing: tabulate cached cells, report the others as 'not run'")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads per cell (default 2)")
     parser.add_argument("--cell-timeout", type=float, default=3600, help="seconds before a cell counts as failed")
     docs = parser.add_mutually_exclusive_group()
@@ -301,8 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     method_kwargs = _method_kwargs(args.method_kwargs, quick=args.quick)
     command = _command(argv)
     start = time.perf_counter()
+    if args.cached_only and args.force:
+        raise SystemExit("--cached-only and --force contradict each other")
     results, infos = run_matrix(cells, threads=args.threads, timeout=args.cell_timeout, force=args.force,
-                                method_kwargs=method_kwargs)  # fmt: skip
+                                method_kwargs=method_kwargs, cached_only=args.cached_only)  # fmt: skip
     elapsed = time.perf_counter() - start
 
     from .cell import CODE_ROOTS

@@ -38,10 +38,36 @@ def test_matrix_section_names_command_commit_and_statuses():
     assert "`python -m benchmarks.run`" in text and "`abc1234` (with uncommitted changes" in text
     assert "| rtn | 92.00 (−0.50) | n/a [1] |" in text and "| comq | missing | missing |" in text
     assert "- [1] NotImplementedError: later" in text
-    assert "1 measured, 2 missing, 1 n/a, 0 errors" in text
+    assert "1 measured, 2 missing, 1 n/a, 0 errors, 0 not run" in text
     assert "about 500 MB before quantization" in text
 
 
 def test_models_section_lists_every_model():
     text = models_section({"resnet": INFO})
     assert "**92.50**" in text and "`ResNetForImageClassification`" in text and "2026-01-01" in text
+
+
+def test_cached_only_reports_uncomputed_cells_as_not_run(tmp_path, monkeypatch):
+    """``--cached-only`` runs no cell: cached ones are reused, the others say ``not run`` with the fix."""
+    import json
+
+    import benchmarks.run as run_mod
+    from benchmarks.matrix import Cell, cell_key
+
+    monkeypatch.setenv("HF_PTQ_CACHE", str(tmp_path))
+    info = INFO | {"fingerprint": "fp0"}
+    monkeypatch.setattr("benchmarks.models.ensure_reference", lambda spec, dataset=None: (tmp_path, info))
+    monkeypatch.setattr("benchmarks.data.load_benchmark_dataset", lambda install=False: None)
+    monkeypatch.setattr(run_mod, "_run_child", lambda *a, **k: pytest.fail("--cached-only must not run cells"))
+    from benchmarks.cell import CODE_ROOTS
+    from benchmarks.matrix import source_hash
+
+    done, todo = Cell("resnet", "rtn", "W4A32"), Cell("resnet", "rtn", "W2A32")
+    cache = run_mod.cache_root() / "cells"
+    cache.mkdir(parents=True)
+    key = cell_key(done, model_fingerprint="fp0", code_hash=source_hash(*CODE_ROOTS), method_kwargs=None)
+    (cache / f"{key}.json").write_text(json.dumps({"status": "ok", "top1": 0.9, "model": "resnet", "method": "rtn",
+                                                   "setting": "W4A32"}))  # fmt: skip
+    results, _ = run_mod.run_matrix([done, todo], threads=1, timeout=1, force=False, method_kwargs={}, cached_only=True)
+    assert results[0]["status"] == "ok" and results[0]["cached"] is True
+    assert results[1]["status"] == "not run" and "rerun without --cached-only" in results[1]["reason"]

@@ -34,6 +34,7 @@ from ..quant.replace import make_quant_module
 from ..quant.scheme import LayerScheme, rtn_quantize_weight
 from .blocks import Unit, units_for
 from .data import calibration_batches
+from .memory import release_memory
 from .offload import execution_device, onloaded, replace_layer
 
 logger = logging.get_logger("hf_ptq")
@@ -385,6 +386,8 @@ def run_calibrated(
                 **result.stats,
             }
         )
+        del work, result, qmodules
+        release_memory()  # keeps peak memory flat in depth (see calibration/memory.py)
         bar.update(1)
         bar.set_postfix(err=f"{err_after:.2e}", rtn=f"{err_rtn:.2e}", refresh=False)
     bar.close()

@@ -225,7 +225,6 @@ def matrix_baselines(keys: list[str], settings: tuple[str, ...] = ("W4A4", "W2A4
 # -- report ----------------------------------------------------------------------------------------
 
 
-
 def _fmt_s(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} h"

@@ -287,7 +287,6 @@ def plot_curves(results: dict[str, dict[str, Any]], path: Path) -> None:
 # -- report ------------------------------------------------------------------------------------
 
 
-
 def markdown(meta: dict[str, Any], expansion, layer_rows, model_rows, accuracy) -> str:
     dirty = " (with uncommitted changes in the code it exercises)" if meta["dirty"] else " (clean for the code it exercises)"
     out = [

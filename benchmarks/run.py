@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     docs.add_argument("--docs", dest="docs", action="store_true", default=None, help="write docs/ even for a subset")
     docs.add_argument("--no-docs", dest="docs", action="store_false", help="do not touch docs/")
     args = parser.parse_args(argv)
+    if args.cached_only and args.force:
+        raise SystemExit("--cached-only and --force contradict each other")
 
     import torch
 
@@ -320,8 +322,6 @@ def main(argv: list[str] | None = None) -> int:
     method_kwargs = _method_kwargs(args.method_kwargs, quick=args.quick)
     command = _command(argv)
     start = time.perf_counter()
-    if args.cached_only and args.force:
-        raise SystemExit("--cached-only and --force contradict each other")
     results, infos = run_matrix(cells, threads=args.threads, timeout=args.cell_timeout, force=args.force,
                                 method_kwargs=method_kwargs, cached_only=args.cached_only)  # fmt: skip
     elapsed = time.perf_counter() - start

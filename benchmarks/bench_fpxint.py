@@ -21,8 +21,6 @@ import argparse
 import copy
 import json
 import os
-import platform
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,9 +30,10 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from . import REPO_ROOT, cache_root
+from .provenance import provenance as shared_provenance
 from .report import update_doc
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
 PLOT = REPO_ROOT / "docs" / "fpxint_accuracy_vs_terms.png"
 SECTION = "fpxint"
@@ -45,35 +44,16 @@ logger = logging.get_logger("hf_ptq.benchmarks")
 
 # -- provenance --------------------------------------------------------------------------------
 
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+#: the code this benchmark exercises (the tree is shared: other engineers' unrelated files may be dirty)
+EXERCISED_CODE = (
+    "hf_ptq/quant", "hf_ptq/expansion.py", "hf_ptq/methods/fpxint.py", "hf_ptq/methods/base.py",
+    "hf_ptq/quantize.py", "hf_ptq/config.py", "hf_ptq/evaluation.py", "benchmarks/bench_fpxint.py",
+)  # fmt: skip
 
 
 def provenance(threads: int) -> dict[str, Any]:
-    import transformers
-
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
-        platform.processor(),
-    )
-    # the code this benchmark exercises (the tree is shared: other engineers' unrelated files may be dirty)
-    files = [
-        "hf_ptq/quant", "hf_ptq/expansion.py", "hf_ptq/methods/fpxint.py", "hf_ptq/methods/base.py",
-        "hf_ptq/quantize.py", "hf_ptq/config.py", "hf_ptq/evaluation.py", "benchmarks/bench_fpxint.py",
-    ]
-    return {
-        "commit": _git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--", *files).strip()),
-        "machine": f"{os.cpu_count()}-core CPU ({cpu}), torch threads {threads}, no GPU",
-        "load_average_start": round(os.getloadavg()[0], 1),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-    }
+    """The shared provenance record, dirty only for the exercised code, plus the load at the start."""
+    return {**shared_provenance(threads, EXERCISED_CODE), "load_average_start": round(os.getloadavg()[0], 1)}
 
 
 # -- timing helpers ----------------------------------------------------------------------------
@@ -398,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["load_average_end"] = round(os.getloadavg()[0], 1)
 
     results = {"meta": meta, "expansion": expansion, "layer_latency": layer_rows, "model_latency": model_rows, "accuracy": accuracy}
-    cache = Path(os.environ.get("HF_PTQ_CACHE", Path.home() / ".cache" / "hf_ptq")) / "benchmarks" / "fpxint.json"
+    cache = cache_root() / "fpxint.json"
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(results, indent=1, default=str) + "\n")
     body = markdown(meta, expansion, layer_rows, model_rows, accuracy)

@@ -55,14 +55,15 @@ def _git(*args: str) -> str:
         return ""
 
 
-def git_state() -> dict[str, Any]:
-    """Commit of HEAD and whether the measured code had uncommitted changes."""
+def git_state(paths: tuple[str, ...] = ("hf_ptq", "benchmarks")) -> dict[str, Any]:
+    """Commit of HEAD and whether the measured code (``paths``) had uncommitted changes."""
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = bool(_git("status", "--porcelain", "--", "hf_ptq", "benchmarks"))
+    dirty = bool(_git("status", "--porcelain", "--", *paths))
     return {"commit": commit, "dirty": dirty}
 
 
-def provenance(threads: int) -> dict[str, Any]:
+def provenance(threads: int, paths: tuple[str, ...] = ("hf_ptq", "benchmarks")) -> dict[str, Any]:
+    """Date, machine, versions and git state; ``paths`` = the code whose uncommitted changes matter."""
     import torch
     import transformers
 
@@ -75,5 +76,5 @@ def provenance(threads: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "hf_ptq": hf_ptq.__version__,
-        **git_state(),
+        **git_state(paths),
     }

@@ -179,19 +179,45 @@ def _cell_path(key: str, setting: str, tag: str, iters: int, act_iters: int) -> 
     return cache_root() / "brecq-cells" / f"{key}-{setting}-{tag}-{iters}-{act_iters}.json"
 
 
-def bench_accuracy(keys: list[str], iters: int, act_iters: int, threads: int) -> list[dict[str, Any]]:
-    """BRECQ cells (default 8-bit first/last layer, and all layers at the setting for W2A4)."""
+#: (setting, tag, extra method_kwargs): the references' 8-bit first/last layer, and every layer low-bit
+ACCURACY_VARIANTS = (("W4A4", "default", {}), ("W2A4", "default", {}), ("W2A4", "all-low", {"keep_first_last_8bit": False}))
+
+
+def _matrix_cell_path(key: str, setting: str, method_kwargs: dict[str, Any]) -> Path:
+    """Where ``benchmarks.run`` caches the same BRECQ cell (same model, code and options)."""
+    from .cell import CODE_ROOTS
+    from .matrix import Cell, cell_key, source_hash
     from .models import MODELS, load_info
 
-    variants = [("W4A4", "default", {}), ("W2A4", "default", {}), ("W2A4", "all-low", {"keep_first_last_8bit": False})]
+    info = load_info(MODELS[key]) or {}
+    key_ = cell_key(Cell(key, "brecq", setting), model_fingerprint=info.get("fingerprint", ""),
+                    code_hash=source_hash(*CODE_ROOTS), method_kwargs=method_kwargs)  # fmt: skip
+    return cache_root() / "cells" / f"{key_}.json"
+
+
+def bench_accuracy(
+    keys: list[str], iters: int, act_iters: int, threads: int, tags: tuple[str, ...] = ("default", "all-low")
+) -> list[dict[str, Any]]:
+    """BRECQ cells (default 8-bit first/last layer, and all layers at the setting for W2A4).
+
+    A cell the matrix (``benchmarks.run``) already computed with the same code and options is
+    read from its cache instead of being run again.
+    """
+    from .models import MODELS, load_info
+
     rows = []
     for key in keys:
         if load_info(MODELS[key]) is None:
             print(f"skip {key}: reference model not trained (python -m benchmarks.prepare)", file=sys.stderr)
             continue
-        for setting, tag, extra in variants:
+        for setting, tag, extra in ACCURACY_VARIANTS:
+            if tag not in tags:
+                continue
             path = _cell_path(key, setting, tag, iters, act_iters)
-            if not path.exists():
+            matrix_path = _matrix_cell_path(key, setting, {"iters": iters, "act_iters": act_iters, **extra})
+            if matrix_path.exists():
+                path = matrix_path
+            elif not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 kwargs = json.dumps({"iters": iters, "act_iters": act_iters, **extra})
                 cmd = [sys.executable, "-m", "benchmarks.cell", "--model", key, "--method", "brecq", "--setting", setting,
@@ -209,12 +235,18 @@ def _cell_summary(cell: dict[str, Any]) -> dict[str, Any]:
 
 
 def matrix_baselines(keys: list[str], settings: tuple[str, ...] = ("W4A4", "W2A4")) -> dict[tuple[str, str, str], float]:
-    """top-1 of the matrix's RTN/COMQ cells (``benchmarks.run``) when they exist on this machine."""
+    """top-1 of the matrix's RTN/COMQ cells (``benchmarks.run``) computed with the current code, when they exist."""
+    from .cell import CODE_ROOTS
+    from .matrix import source_hash
+
+    code = source_hash(*CODE_ROOTS)
     found: dict[tuple[str, str, str], float] = {}
     for path in sorted((cache_root() / "cells").glob("*.json"), key=lambda p: p.stat().st_mtime):
         try:
             cell = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
+            continue
+        if cell.get("code_hash") != code:
             continue
         if cell.get("status") == "ok" and cell.get("method") in ("rtn", "comq") and cell.get("setting") in settings:
             if cell.get("model") in keys:
@@ -236,9 +268,10 @@ def _fmt_s(seconds: float) -> str:
 def markdown(meta: dict[str, Any], args, timing, rss, accuracy, baselines) -> str:
     out = ["## BRECQ (block reconstruction, AdaRound + LSQ activation steps)", ""]
     out.append(f"Command: `{meta['command']}` — commit `{meta['commit']}`{' (uncommitted changes in hf_ptq/ or benchmarks/)' if meta['dirty'] else ''}, {meta['date']}.")
-    out.append(f"Machine: {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}. "
-               f"The 2 cores were shared with other jobs (1-min load average {meta['load_start']:.1f} at start, "
-               f"{meta['load_end']:.1f} at end), so times are upper bounds of a quiet machine.")  # fmt: skip
+    load = f"1-min load average {meta['load_start']:.1f} at start, {meta['load_end']:.1f} at end"
+    busy = max(meta["load_start"], meta["load_end"]) > 0.5 + meta["threads"]
+    out.append(f"Machine: {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}; {load}"
+               + (" (other jobs shared the cores, so times are upper bounds of a quiet machine)." if busy else "."))  # fmt: skip
     out.append("")
     if timing:
         out += [
@@ -277,13 +310,7 @@ def markdown(meta: dict[str, Any], args, timing, rss, accuracy, baselines) -> st
                 f"| {r['recon_loss']} | {r['layers']} | {r['params_m']:.2f} | {r['samples']} | {r['unit_cache_mb']:.0f} | "
                 f"{r['base_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['base_rss_mb']:.0f} |"
             )
-        out += [
-            "",
-            "With the plain loss the engine holds one unit's cached inputs/targets (float and quantized chains) at a time, "
-            "so the peak does not grow with depth; `fisher_diag` keeps the Fisher weights of every unit "
-            "(N × Σ_units |z| × 2 bytes, float16) from `prepare` to the last unit, which grows linearly with depth.",
-            "",
-        ]
+        out += ["", _rss_note(rss), ""]
     if accuracy:
         out += [
             f"### Accuracy on the Fashion-MNIST reference models ({args.acc_iters} + {args.acc_act_iters} iterations per unit)",
@@ -310,6 +337,24 @@ def markdown(meta: dict[str, Any], args, timing, rss, accuracy, baselines) -> st
     return "\n".join(out)
 
 
+def _rss_note(rss: list[dict[str, Any]]) -> str:
+    """How much the peak grew from the shallowest to the deepest model, per loss (measured, not assumed)."""
+    parts = []
+    for loss in dict.fromkeys(r["recon_loss"] for r in rss):
+        rows = sorted((r for r in rss if r["recon_loss"] == loss), key=lambda r: r["layers"])
+        lo, hi = rows[0], rows[-1]
+        growth = (hi["peak_rss_mb"] - hi["base_rss_mb"]) / max(lo["peak_rss_mb"] - lo["base_rss_mb"], 1e-9)
+        parts.append(
+            f"`{loss}`: peak − before {lo['peak_rss_mb'] - lo['base_rss_mb']:.0f} MiB at {lo['layers']} layers, "
+            f"{hi['peak_rss_mb'] - hi['base_rss_mb']:.0f} MiB at {hi['layers']} layers (×{growth:.2f})"
+        )
+    return (
+        "The engine holds one unit's cached inputs/targets (float and quantized chains) at a time; `fisher_diag` "
+        "writes every unit's Fisher weights (N × Σ_units |z| × 2 bytes, float16) to one temporary file per unit and "
+        "memory-maps the rows of each mini-batch. Measured: " + "; ".join(parts) + "."
+    )
+
+
 def write_doc(body: str) -> None:
     update_doc(DOC, {SECTION: body})
 
@@ -326,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accuracy", action="store_true", help="also run BRECQ W4A4/W2A4 cells (long)")
     parser.add_argument("--acc-iters", type=int, default=MATRIX_SCHEDULE[0])
     parser.add_argument("--acc-act-iters", type=int, default=MATRIX_SCHEDULE[1])
+    parser.add_argument("--acc-variants", default="default,all-low",
+                        help="BRECQ variants of the accuracy cells: default (8-bit first/last layer), all-low")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 cores are shared)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
@@ -348,9 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     meta = provenance(args.threads) | {"command": "python -m benchmarks.bench_brecq " + " ".join(argv or sys.argv[1:])}
     meta["command"] = meta["command"].strip()
     meta["load_start"] = os.getloadavg()[0]
+    meta["threads"] = args.threads
     timing = [] if args.no_timing else bench_timing(keys, args.iters, args.act_iters)
     rss = [] if args.no_rss else bench_rss([int(d) for d in args.depths.split(",")], args.rss_samples, args.threads)
-    accuracy = bench_accuracy(keys, args.acc_iters, args.acc_act_iters, args.threads) if args.accuracy else []
+    accuracy = (
+        bench_accuracy(keys, args.acc_iters, args.acc_act_iters, args.threads, tuple(args.acc_variants.split(",")))
+        if args.accuracy
+        else []
+    )
     meta["load_end"] = os.getloadavg()[0]
     body = markdown(meta, args, timing, rss, accuracy, matrix_baselines(keys) if accuracy else {})
     print(body)

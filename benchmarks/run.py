@@ -269,8 +269,8 @@ def models_section(infos: dict[str, dict[str, Any]]) -> str:
         "HF checkpoints (model + image processor) under `~/.cache/hf_ptq/benchmarks/fmnist-<model>-v1/`. Top-1 on the "
         f"10k test split, measured on the saved checkpoint. Trained {dates[0]}"
         + (f" – {dates[-1]}" if len(dates) > 1 else "")
-        + " on the benchmark machine (see the matrix section); training times are wall clock on CPU cores shared with "
-        "other jobs, so they overstate the clean cost.",
+        + " on the benchmark machine (see the matrix section); training times are wall clock, and other jobs may have "
+        "shared the 2 cores, which inflates them.",
         "",
         models_table(infos),
     ])  # fmt: skip

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 import time
 from typing import Literal
 
@@ -106,6 +107,7 @@ class BRECQ(PTQMethod):
         self.input_mode = "mixed" if k.drop_prob < 1.0 else "quantized"
         self._first_layer: str | None = None
         self._kl_state: tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._spill: tempfile.TemporaryDirectory | None = None  # fisher_diag's gradient files
         self._gen_seed = config.seed
         self._unit_index = 0
 
@@ -127,11 +129,13 @@ class BRECQ(PTQMethod):
         kind = self.kwargs.recon_loss
         if kind == "fisher_diag":
             start = time.perf_counter()
-            caches = task_loss_gradients(model, {u.name: u.module for u in units}, batches, device)
+            # every unit's gradients at once would grow with depth in RAM: one file per unit instead
+            self._spill = tempfile.TemporaryDirectory(prefix="hf_ptq-fisher-")
+            caches = task_loss_gradients(model, {u.name: u.module for u in units}, batches, device, self._spill.name)
             total = sum(c.nbytes() for c in caches.values())
             logger.info(
                 f"brecq: task-loss Fisher weights for {len(caches)} units in {time.perf_counter() - start:.1f}s, "
-                f"{total / 2**20:.1f} MiB on CPU (float16)"
+                f"{total / 2**20:.1f} MiB (float16) in {self._spill.name}"
             )
             return {name: {"fisher": cache} for name, cache in caches.items()}
         if kind == "fisher_kl":
@@ -142,6 +146,14 @@ class BRECQ(PTQMethod):
 
     # -- one unit ------------------------------------------------------------------------------------
     def quantize_unit(self, work: UnitWork) -> UnitResult:
+        try:
+            return self._quantize_unit(work)
+        finally:
+            fisher = work.extras.get("fisher")
+            if fisher is not None:  # this unit's Fisher weights are not needed again
+                fisher.release()
+
+    def _quantize_unit(self, work: UnitWork) -> UnitResult:
         k: BRECQKwargs = self.kwargs
         start = time.perf_counter()
         self._unit_index += 1

@@ -11,17 +11,23 @@ output. Two versions exist (algorithms.md §3.5):
   on the model quantized *up to and including* the current block, damped to ``|g| + 1``
   (:func:`kl_gradients`, run per unit because it depends on the units quantized before).
 
-Gradients are stored on CPU in float16 with one float32 factor per batch (so tiny gradients do not
-underflow): ``N × Σ_units |z_u| × 2`` bytes for the task-loss version, kept until the last unit.
+Gradients are stored in float16 with one float32 factor per batch (so tiny gradients do not
+underflow). The task-loss version covers every unit at once (``N × Σ_units |z_u| × 2`` bytes), so
+it is written to one file per unit in a temporary folder and read back by memory-mapped rows:
+resident memory stays at one batch's gradients instead of growing with depth. The KL version
+covers one unit at a time and stays in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,36 +64,75 @@ def model_logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class GradientCache:
-    """Per-batch gradients of one unit's output: float16 payload × float32 factor (+ offset), on CPU.
+    """Per-batch gradients of one unit's output: float16 payload × float32 factor (+ offset).
 
     ``offset`` is added when a batch is read back (the reference's ``|g| + 1`` damping), so the
     float16 payload keeps the precision of ``g`` itself instead of rounding ``1 + g`` to 1.
+    With ``path`` set the payload is appended to that file instead of being kept in memory, and
+    reads memory-map just the rows asked for (:meth:`release` deletes the file).
     """
 
     payload: list[torch.Tensor] = field(default_factory=list)
     factors: list[float] = field(default_factory=list)
     offset: float = 0.0
+    path: Path | None = None
+    #: on disk: (byte offset, shape) of every batch in ``path``
+    extents: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
 
     def append(self, grad: torch.Tensor) -> None:
         g = grad.detach().float()
         factor = float(g.abs().amax()) or 1.0
-        self.payload.append((g / factor).to(torch.float16).cpu())
+        half = (g / factor).to(torch.float16).cpu()
         self.factors.append(factor)
+        if self.path is None:
+            self.payload.append(half)
+            return
+        start = self.path.stat().st_size if self.path.exists() else 0
+        with open(self.path, "ab") as f:
+            f.write(half.numpy().tobytes())
+        self.extents.append((start, tuple(half.shape)))
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def _read(self, b: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Batch ``b``'s float16 payload (only ``rows`` of it): a memory map of the spill file, so
+        only the rows asked for are read from disk and nothing stays resident afterwards."""
+        if self.path is None:
+            return self.payload[b] if rows is None else self.payload[b][rows]
+        start, shape = self.extents[b]
+        mapped = np.memmap(self.path, dtype=np.float16, mode="r", offset=start, shape=shape)
+        return torch.from_numpy(np.array(mapped if rows is None else mapped[rows.numpy()]))
 
     def batch(self, b: int) -> torch.Tensor:
-        return self.payload[b].float() * self.factors[b] + self.offset
+        return self._read(b).float() * self.factors[b] + self.offset
 
     def rows(self, b: int, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` of batch ``b`` as float32."""
-        return self.payload[b][rows].float() * self.factors[b] + self.offset
+        return self._read(b, rows).float() * self.factors[b] + self.offset
 
     def mean_square(self) -> float:
         """``mean(g²)`` over every stored element (the Fisher normaliser)."""
-        total = sum(float((t.float() * f + self.offset).pow(2).sum()) for t, f in zip(self.payload, self.factors))
-        return total / max(1, sum(t.numel() for t in self.payload))
+        total = count = 0
+        for b in range(len(self)):
+            g = self.batch(b)
+            total += float(g.pow(2).sum())
+            count += g.numel()
+        return total / max(1, count)
 
     def nbytes(self) -> int:
+        if self.path is not None:
+            return sum(2 * int(np.prod(shape)) for _, shape in self.extents)
         return sum(t.numel() * t.element_size() for t in self.payload)
+
+    def release(self) -> None:
+        """Free the payload (delete the spill file); the cache is empty afterwards."""
+        self.payload.clear()
+        self.factors.clear()
+        self.extents.clear()
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
 @contextlib.contextmanager
@@ -105,14 +150,20 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
 
 
 def task_loss_gradients(
-    model: nn.Module, unit_modules: dict[str, nn.Module], batches: list[torch.Tensor], device: torch.device
+    model: nn.Module,
+    unit_modules: dict[str, nn.Module],
+    batches: list[torch.Tensor],
+    device: torch.device,
+    spill_dir: str | os.PathLike | None = None,
 ) -> dict[str, GradientCache]:
     """``|∂CE(logits, argmax logits)/∂z|`` for every unit output ``z``, per sample (summed CE), float model.
 
     The cross-entropy is summed over the batch so each sample's gradient is its own (not divided
     by the batch size). A unit called several times in one forward keeps its first call.
+    ``spill_dir``: write each unit's gradients to a file there (one per unit) instead of memory.
     """
-    caches = {name: GradientCache() for name in unit_modules}
+    paths = {name: Path(spill_dir) / f"unit{i:04d}.f16" if spill_dir is not None else None for i, name in enumerate(unit_modules)}
+    caches = {name: GradientCache(path=paths[name]) for name in unit_modules}
     current: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str):

@@ -123,10 +123,12 @@ class _ToyClassifier(nn.Module):
         return SimpleNamespace(logits=self.fc2(torch.relu(self.fc1(pixel_values))))
 
 
-def test_task_loss_fisher_matches_closed_form():
+@pytest.mark.parametrize("spill", [False, True], ids=["in-memory", "spilled-to-disk"])
+def test_task_loss_fisher_matches_closed_form(spill, tmp_path):
     model = _ToyClassifier()
     batches = [torch.randn(8, 6, generator=torch.Generator().manual_seed(b)) for b in range(2)]
-    cache = task_loss_gradients(model, {"fc1": model.fc1}, batches, torch.device("cpu"))["fc1"]
+    spill_dir = tmp_path if spill else None
+    cache = task_loss_gradients(model, {"fc1": model.fc1}, batches, torch.device("cpu"), spill_dir)["fc1"]
     w2 = model.fc2.weight.detach()
     for b, x in enumerate(batches):
         with torch.no_grad():
@@ -137,7 +139,46 @@ def test_task_loss_fisher_matches_closed_form():
             expected = ((probs - onehot) @ w2) * (z > 0)  # per-sample ∂CE/∂z (summed CE)
         got = cache.batch(b)
         torch.testing.assert_close(got, expected.abs(), rtol=0, atol=2e-3 * float(expected.abs().max()))
+        rows = torch.tensor([6, 1, 3])
+        torch.testing.assert_close(cache.rows(b, rows), expected.abs()[rows], rtol=0, atol=2e-3 * float(expected.abs().max()))
     assert all(p.requires_grad for p in model.parameters())  # restored
+    assert cache.nbytes() == 2 * 2 * 8 * 5  # float16, 2 batches of [8, 5]
+    assert not cache.payload if spill else len(cache.payload) == 2  # spilled: nothing kept in memory
+    if spill:
+        (path,) = tmp_path.iterdir()
+        assert path.stat().st_size == cache.nbytes()
+        cache.release()
+        assert not path.exists()
+
+
+def test_fisher_spill_keeps_memory_flat_in_depth(tmp_path):
+    """The paper's Fisher weights for N samples and every unit would grow RAM with depth; spilled,
+    the resident size of the caches is zero whatever the depth, and the files hold N × Σ|z| × 2 bytes."""
+    torch.manual_seed(0)
+    units = {f"fc{i}": nn.Linear(16, 16) for i in range(6)}
+
+    class Deep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(units.values())
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, pixel_values):
+            h = pixel_values
+            for layer in self.layers:
+                h = torch.tanh(layer(h))
+            return SimpleNamespace(logits=self.head(h))
+
+    model = Deep()
+    batches = [torch.randn(32, 16, generator=torch.Generator().manual_seed(b)) for b in range(4)]
+    in_memory = task_loss_gradients(model, units, batches, torch.device("cpu"))
+    spilled = task_loss_gradients(model, units, batches, torch.device("cpu"), tmp_path)
+    assert sum(len(c.payload) for c in spilled.values()) == 0
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) == 4 * 32 * 16 * 2 * len(units)
+    for name in units:  # bitwise the same values, read back from disk
+        for b in range(len(batches)):
+            assert torch.equal(spilled[name].batch(b), in_memory[name].batch(b))
+        assert spilled[name].mean_square() == pytest.approx(in_memory[name].mean_square(), rel=1e-12)
 
 
 def test_kl_fisher_matches_closed_form():

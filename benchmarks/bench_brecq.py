@@ -176,7 +176,14 @@ def bench_rss(depths: list[int], samples: int, threads: int) -> list[dict[str, A
 
 
 def _cell_path(key: str, setting: str, tag: str, iters: int, act_iters: int) -> Path:
-    return cache_root() / "brecq-cells" / f"{key}-{setting}-{tag}-{iters}-{act_iters}.json"
+    """This benchmark's own cell cache, keyed like the matrix's by the reference model and the code."""
+    from .cell import CODE_ROOTS
+    from .matrix import source_hash
+    from .models import MODELS, load_info
+
+    fingerprint = (load_info(MODELS[key]) or {}).get("fingerprint", "untrained")
+    name = f"{key}-{setting}-{tag}-{iters}-{act_iters}-{fingerprint}-{source_hash(*CODE_ROOTS)}.json"
+    return cache_root() / "brecq-cells" / name
 
 
 #: (setting, tag, extra method_kwargs): the references' 8-bit first/last layer, and every layer low-bit

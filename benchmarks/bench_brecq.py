@@ -13,7 +13,9 @@
    exception: it keeps the Fisher weights of every unit, and is measured too);
 3. with ``--accuracy``: BRECQ W4A4 and W2A4 on the reference models through ``benchmarks.cell`` (the
    matrix's own cell runner, 1 024 calibration images), at ``--acc-iters``/``--acc-act-iters``,
-   next to the matrix's RTN/COMQ cells at the same setting when they exist.
+   next to the matrix's RTN/COMQ cells at the same setting when they exist; ``--long-cell resnet/W2A4``
+   adds that cell at the reference schedule (20 000 + 5 000), to show what the matrix's shorter
+   schedule gives up.
 
 Results go to ``docs/benchmarks.md`` between ``<!-- brecq:start -->`` and ``<!-- brecq:end -->``.
 """
@@ -202,10 +204,22 @@ def _matrix_cell_path(key: str, setting: str, method_kwargs: dict[str, Any]) -> 
     return cache_root() / "cells" / f"{key_}.json"
 
 
-def bench_accuracy(
-    keys: list[str], iters: int, act_iters: int, threads: int, tags: tuple[str, ...] = ("default", "all-low")
-) -> list[dict[str, Any]]:
-    """BRECQ cells (default 8-bit first/last layer, and all layers at the setting for W2A4).
+def accuracy_jobs(
+    keys: list[str], schedule: tuple[int, int], tags: tuple[str, ...], long_cells: list[str]
+) -> list[tuple[str, str, str, dict[str, Any], tuple[int, int]]]:
+    """(model, setting, tag, extra kwargs, schedule) of every accuracy cell: each model × variant at
+    ``schedule``, plus each ``MODEL/SETTING`` of ``long_cells`` (default variant) at the reference schedule."""
+    jobs = [(key, setting, tag, extra, schedule) for key in keys for setting, tag, extra in ACCURACY_VARIANTS if tag in tags]
+    for item in long_cells:
+        key, _, setting = item.partition("/")
+        if key not in MODEL_KEYS or not setting:
+            raise SystemExit(f"--long-cell {item!r}: expected MODEL/SETTING with MODEL in {MODEL_KEYS}, e.g. resnet/W2A4")
+        jobs.append((key, setting, "default", {}, REFERENCE_SCHEDULE))
+    return jobs
+
+
+def bench_accuracy(jobs: list[tuple[str, str, str, dict[str, Any], tuple[int, int]]], threads: int) -> list[dict[str, Any]]:
+    """Run (or reuse) the BRECQ accuracy cells of :func:`accuracy_jobs` through ``benchmarks.cell``.
 
     A cell the matrix (``benchmarks.run``) already computed with the same code and options is
     read from its cache instead of being run again.
@@ -213,26 +227,23 @@ def bench_accuracy(
     from .models import MODELS, load_info
 
     rows = []
-    for key in keys:
+    for key, setting, tag, extra, (iters, act_iters) in jobs:
         if load_info(MODELS[key]) is None:
             print(f"skip {key}: reference model not trained (python -m benchmarks.prepare)", file=sys.stderr)
             continue
-        for setting, tag, extra in ACCURACY_VARIANTS:
-            if tag not in tags:
-                continue
-            path = _cell_path(key, setting, tag, iters, act_iters)
-            matrix_path = _matrix_cell_path(key, setting, {"iters": iters, "act_iters": act_iters, **extra})
-            if matrix_path.exists():
-                path = matrix_path
-            elif not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                kwargs = json.dumps({"iters": iters, "act_iters": act_iters, **extra})
-                cmd = [sys.executable, "-m", "benchmarks.cell", "--model", key, "--method", "brecq", "--setting", setting,
-                       "--method-kwargs", kwargs, "--threads", str(threads), "--out", str(path)]  # fmt: skip
-                subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            cell = json.loads(path.read_text())
-            rows.append({"model": key, "setting": setting, "tag": tag, **_cell_summary(cell)})
-            print(json.dumps(rows[-1]), flush=True)
+        path = _cell_path(key, setting, tag, iters, act_iters)
+        matrix_path = _matrix_cell_path(key, setting, {"iters": iters, "act_iters": act_iters, **extra})
+        if matrix_path.exists():
+            path = matrix_path
+        elif not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            kwargs = json.dumps({"iters": iters, "act_iters": act_iters, **extra})
+            cmd = [sys.executable, "-m", "benchmarks.cell", "--model", key, "--method", "brecq", "--setting", setting,
+                   "--method-kwargs", kwargs, "--threads", str(threads), "--out", str(path)]  # fmt: skip
+            subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cell = json.loads(path.read_text())
+        rows.append({"model": key, "setting": setting, "tag": tag, "iters": iters, "act_iters": act_iters, **_cell_summary(cell)})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -320,23 +331,24 @@ def markdown(meta: dict[str, Any], args, timing, rss, accuracy, baselines) -> st
         out += ["", _rss_note(rss), ""]
     if accuracy:
         out += [
-            f"### Accuracy on the Fashion-MNIST reference models ({args.acc_iters} + {args.acc_act_iters} iterations per unit)",
+            "### Accuracy on the Fashion-MNIST reference models",
             "",
             "Through `benchmarks.cell` (the matrix's runner: 1 024 calibration images, seed 0, full 10 000-image test split). "
             "`default` = the references' 8-bit first and last quantized layer (weights and inputs); `all-low` = every "
             "layer at the setting, like RTN/COMQ in the matrix. RTN/COMQ columns: the matrix's own cells, when present.",
             "",
-            "| model | setting | BRECQ variant | float top-1 | BRECQ top-1 | Δ vs float (pt) | RTN | COMQ | quantize time | peak RSS (MiB) |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| model | setting | BRECQ variant | iterations per unit | float top-1 | BRECQ top-1 | Δ vs float (pt) | RTN | COMQ | quantize time | peak RSS (MiB) |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in accuracy:
+            schedule = f"{r['iters']:,} + {r['act_iters']:,}".replace(",", " ")
             if r["status"] != "ok":
-                out.append(f"| {r['model']} | {r['setting']} | {r['tag']} | | {r['status']}: {r.get('reason')} | | | | | |")
+                out.append(f"| {r['model']} | {r['setting']} | {r['tag']} | {schedule} | | {r['status']}: {r.get('reason')} | | | | | |")
                 continue
             rtn = baselines.get((r["model"], "rtn", r["setting"]))
             comq = baselines.get((r["model"], "comq", r["setting"]))
             out.append(
-                f"| {r['model']} | {r['setting']} | {r['tag']} | {r['fp_top1'] * 100:.2f} | {r['top1'] * 100:.2f} | "
+                f"| {r['model']} | {r['setting']} | {r['tag']} | {schedule} | {r['fp_top1'] * 100:.2f} | {r['top1'] * 100:.2f} | "
                 f"{(r['top1'] - r['fp_top1']) * 100:+.2f} | {f'{rtn * 100:.2f}' if rtn is not None else '—'} | "
                 f"{f'{comq * 100:.2f}' if comq is not None else '—'} | {_fmt_s(r['quant_seconds'])} | {r['peak_rss_mb']:.0f} |"
             )
@@ -378,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accuracy", action="store_true", help="also run BRECQ W4A4/W2A4 cells (long)")
     parser.add_argument("--acc-iters", type=int, default=MATRIX_SCHEDULE[0])
     parser.add_argument("--acc-act-iters", type=int, default=MATRIX_SCHEDULE[1])
+    parser.add_argument("--long-cell", action="append", default=[], metavar="MODEL/SETTING",
+                        help="also run this accuracy cell at the reference schedule 20 000 + 5 000 (repeatable)")  # fmt: skip
     parser.add_argument("--acc-variants", default="default,all-low",
                         help="BRECQ variants of the accuracy cells: default (8-bit first/last layer), all-low")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 cores are shared)")
@@ -406,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     timing = [] if args.no_timing else bench_timing(keys, args.iters, args.act_iters)
     rss = [] if args.no_rss else bench_rss([int(d) for d in args.depths.split(",")], args.rss_samples, args.threads)
     accuracy = (
-        bench_accuracy(keys, args.acc_iters, args.acc_act_iters, args.threads, tuple(args.acc_variants.split(",")))
+        bench_accuracy(
+            accuracy_jobs(keys, (args.acc_iters, args.acc_act_iters), tuple(args.acc_variants.split(",")), args.long_cell),
+            args.threads,
+        )
         if args.accuracy
         else []
     )

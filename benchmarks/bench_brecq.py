@@ -9,8 +9,8 @@
    the benchmark matrix's (2 000 + 500) as ``Σ_units iters · s/iter + the measured fixed part``;
 2. **peak RSS vs depth** — random-weight ViTs of the same width with 4 and 8 layers quantized with
    BRECQ in fresh subprocesses: with the sequential engine the cached activations of one unit at a
-   time dominate, so peak RSS must stay flat in depth (``recon_loss="fisher_diag"`` is the
-   exception: it keeps the Fisher weights of every unit, and is measured too);
+   time dominate, so peak RSS must stay flat in depth (also with ``recon_loss="fisher_diag"``,
+   whose per-unit Fisher weights are spilled to temporary files; both losses are measured);
 3. with ``--accuracy``: BRECQ W4A4 and W2A4 on the reference models through ``benchmarks.cell`` (the
    matrix's own cell runner, 1 024 calibration images), at ``--acc-iters``/``--acc-act-iters``,
    next to the matrix's RTN/COMQ cells at the same setting when they exist; ``--long-cell resnet/W2A4``

@@ -191,7 +191,20 @@ def _summary(r: dict[str, Any]) -> str:
 
 
 def _command(argv: list[str]) -> str:
-    return " ".join(["python -m benchmarks.run", *argv]).strip()
+    """The command line as documented; a ``--note`` is shown as ``--note …`` (its text is printed on its own)."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--note":
+            shown.append("--note …")
+            skip = True
+        elif arg.startswith("--note="):
+            shown.append("--note …")
+        else:
+            shown.append(arg)
+    return " ".join(["python -m benchmarks.run", *shown]).strip()
 
 
 def matrix_section(results, infos, meta, methods, settings, command: str, plots: dict[str, Path | None]) -> str:
@@ -210,6 +223,7 @@ def matrix_section(results, infos, meta, methods, settings, command: str, plots:
         f"Machine: {meta['machine']}.  ",
         f"Versions: Python {meta['python']}, torch {meta['torch']}, transformers {meta['transformers']}; "
         f"hf_ptq source hash `{meta['code_hash']}`.",
+        *([f"How the cells were computed: {meta['note']}"] if meta.get("note") else []),
         "",
         "Each cell loads the float reference checkpoint with "
         "`AutoModelForImageClassification.from_pretrained(ckpt, quantization_config=hf_ptq.PTQConfig(method=..., "
@@ -301,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run nothing: tabulate cached cells, report the others as 'not run'")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads per cell (default 2)")
     parser.add_argument("--cell-timeout", type=float, default=3600, help="seconds before a cell counts as failed")
+    parser.add_argument("--note", default=None,
+                        help="a sentence for the docs on how the cells were computed (e.g. several runs in parallel)")  # fmt: skip
     docs = parser.add_mutually_exclusive_group()
     docs.add_argument("--docs", dest="docs", action="store_true", default=None, help="write docs/ even for a subset")
     docs.add_argument("--no-docs", dest="docs", action="store_false", help="do not touch docs/")
@@ -335,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command, "mode": mode, "cells": len(cells), "elapsed_seconds": round(elapsed, 1),
         "code_hash": source_hash(*CODE_ROOTS), "method_kwargs": method_kwargs, "results_file": results_file,
         "calibration": {"split": "train", "num_samples": 1024, "seed": 0}, "evaluation": "test split (10k)",
+        "note": args.note,
     }  # fmt: skip
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     slim = [{k: v for k, v in r.items() if k not in _HEAVY_FIELDS} for r in results]

@@ -40,6 +40,19 @@ def test_matrix_section_names_command_commit_and_statuses():
     assert "- [1] NotImplementedError: later" in text
     assert "1 measured, 2 missing, 1 n/a, 0 errors, 0 not run" in text
     assert "about 500 MB before quantization" in text
+    assert "How the cells were computed" not in text  # no note given
+    noted = matrix_section(results, {"resnet": INFO}, META | {"note": "three runs in parallel."}, ["rtn"], ["W4A32"],
+                           "python -m benchmarks.run", {"accuracy vs bits": None})  # fmt: skip
+    assert "How the cells were computed: three runs in parallel." in noted
+
+
+def test_command_shows_a_note_as_an_ellipsis():
+    from benchmarks.run import _command
+
+    assert _command(["--cached-only", "--note", "long text", "--threads", "1"]) == (
+        "python -m benchmarks.run --cached-only --note … --threads 1"
+    )
+    assert _command(["--note=long text"]) == "python -m benchmarks.run --note …"
 
 
 def test_models_section_lists_every_model():

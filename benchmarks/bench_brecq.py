@@ -335,7 +335,7 @@ def markdown(meta: dict[str, Any], args, timing, rss, accuracy, baselines) -> st
             "",
             "Through `benchmarks.cell` (the matrix's runner: 1 024 calibration images, seed 0, full 10 000-image test split). "
             "`default` = the references' 8-bit first and last quantized layer (weights and inputs); `all-low` = every "
-            "layer at the setting, like RTN/COMQ in the matrix. RTN/COMQ columns: the matrix's own cells, when present.",
+            "layer at the setting, like RTN/COMQ in the matrix. RTN/COMQ columns: the matrix's own cells, when present. A BRECQ cell the matrix already computed with the same code and options is read from the matrix's cache, its quantize time included (the matrix section states the load it ran under).",
             "",
             "| model | setting | BRECQ variant | iterations per unit | float top-1 | BRECQ top-1 | Δ vs float (pt) | RTN | COMQ | quantize time | peak RSS (MiB) |",
             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
